@@ -1,0 +1,271 @@
+//! The gRPC service. Protobuf types stay in this module: requests are converted to the core's
+//! validated types on the way in, core types to protobuf on the way out, and errors to a
+//! `Status` in exactly one place ([`status`]).
+
+mod auth;
+
+pub use auth::GROUP;
+
+use std::sync::Arc;
+
+use aether_proto::v1 as pb;
+use aether_proto::v1::aether_server::Aether;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::model::{Hardware, HardwareRequest};
+use crate::store::{Project, Workspace};
+use crate::workspace::ops::Manager;
+use crate::workspace::state::State;
+
+pub use aether_proto::v1::aether_server::AetherServer;
+
+pub struct Service {
+    manager: Arc<Manager>,
+}
+
+impl Service {
+    pub fn new(manager: Arc<Manager>) -> Self {
+        Self { manager }
+    }
+}
+
+/// The single mapping from the daemon's errors to gRPC status codes.
+pub fn status(e: Error) -> Status {
+    let msg = e.to_string();
+    match e {
+        Error::InvalidArgument(_) => Status::invalid_argument(msg),
+        Error::NotFound { .. } => Status::not_found(msg),
+        Error::AlreadyExists(_) => Status::already_exists(msg),
+        Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+        Error::Conflict { .. } => Status::aborted(msg),
+        Error::PermissionDenied(_) => Status::permission_denied(msg),
+        Error::Libvirt(_) | Error::LibvirtTimeout(..) => Status::unavailable(msg),
+        Error::Store(_) | Error::Internal(_) => Status::internal(msg),
+    }
+}
+
+fn state_to_pb(s: State) -> pb::WorkspaceState {
+    match s {
+        State::Stopped => pb::WorkspaceState::Stopped,
+        State::Starting => pb::WorkspaceState::Starting,
+        State::Running => pb::WorkspaceState::Running,
+        State::Stopping => pb::WorkspaceState::Stopping,
+        State::Error => pb::WorkspaceState::Error,
+        State::StopFailed => pb::WorkspaceState::StopFailed,
+    }
+}
+
+fn state_from_pb(v: i32) -> Result<Option<State>, Status> {
+    match pb::WorkspaceState::try_from(v) {
+        Ok(pb::WorkspaceState::Unspecified) => Ok(None),
+        Ok(pb::WorkspaceState::Stopped) => Ok(Some(State::Stopped)),
+        Ok(pb::WorkspaceState::Starting) => Ok(Some(State::Starting)),
+        Ok(pb::WorkspaceState::Running) => Ok(Some(State::Running)),
+        Ok(pb::WorkspaceState::Stopping) => Ok(Some(State::Stopping)),
+        Ok(pb::WorkspaceState::Error) => Ok(Some(State::Error)),
+        Ok(pb::WorkspaceState::StopFailed) => Ok(Some(State::StopFailed)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "invalid workspace state {v}"
+        ))),
+    }
+}
+
+fn hardware_to_pb(h: &Hardware) -> pb::Hardware {
+    pb::Hardware {
+        cpu_kind: h.cpu_kind.as_str().to_owned(),
+        cpus: h.cpus,
+        memory_mb: h.memory_mb,
+        volume_size_gb: h.volume_size_gb,
+        gpu_kind: h.gpu_kind.clone().unwrap_or_default(),
+    }
+}
+
+fn project_to_pb(p: Project) -> pb::Project {
+    pb::Project {
+        id: p.id.to_string(),
+        name: p.name.to_string(),
+        owner_uid: p.owner_uid,
+        created_at: p.created_at,
+        workspace_count: p.workspace_count,
+    }
+}
+
+fn workspace_to_pb(w: Workspace) -> pb::Workspace {
+    pb::Workspace {
+        domain_name: w.id.domain_name(),
+        id: w.id.to_string(),
+        project_id: w.project_id.to_string(),
+        project_name: w.project_name.to_string(),
+        state: state_to_pb(w.state) as i32,
+        hardware: Some(hardware_to_pb(&w.hardware)),
+        pending_hardware: w.pending_hardware.as_ref().map(hardware_to_pb),
+        ip_addresses: Vec::new(),
+        created_at: w.created_at,
+        reason: w.reason,
+        generation: w.generation,
+        owner_uid: w.owner_uid,
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl Aether for Service {
+    async fn get_host_info(&self, req: Request<pb::GetHostInfoRequest>) -> Reply<pb::HostInfo> {
+        auth::caller(&req)?;
+        let h = self.manager.host_info().await.map_err(status)?;
+        Ok(Response::new(pb::HostInfo {
+            version: h.version.to_owned(),
+            libvirt_uri: h.libvirt_uri,
+            libvirt_version: h.libvirt_version,
+            hypervisor: h.hypervisor,
+            accelerator: h.accelerator.to_owned(),
+            max_volume_size_gb: h.max_volume_size_gb,
+        }))
+    }
+
+    async fn create_project(&self, req: Request<pb::CreateProjectRequest>) -> Reply<pb::Project> {
+        let caller = auth::caller(&req)?;
+        let p = self
+            .manager
+            .create_project(caller, &req.get_ref().name)
+            .map_err(status)?;
+        Ok(Response::new(project_to_pb(p)))
+    }
+
+    async fn list_projects(
+        &self,
+        req: Request<pb::ListProjectsRequest>,
+    ) -> Reply<pb::ListProjectsResponse> {
+        let caller = auth::caller(&req)?;
+        let projects = self.manager.list_projects(caller).map_err(status)?;
+        Ok(Response::new(pb::ListProjectsResponse {
+            projects: projects.into_iter().map(project_to_pb).collect(),
+        }))
+    }
+
+    async fn get_project(&self, req: Request<pb::GetProjectRequest>) -> Reply<pb::Project> {
+        let caller = auth::caller(&req)?;
+        let p = self
+            .manager
+            .get_project(caller, &req.get_ref().project)
+            .map_err(status)?;
+        Ok(Response::new(project_to_pb(p)))
+    }
+
+    async fn delete_project(
+        &self,
+        req: Request<pb::DeleteProjectRequest>,
+    ) -> Reply<pb::DeleteProjectResponse> {
+        let caller = auth::caller(&req)?;
+        self.manager
+            .delete_project(caller, &req.get_ref().project)
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteProjectResponse {}))
+    }
+
+    async fn create_workspace(
+        &self,
+        req: Request<pb::CreateWorkspaceRequest>,
+    ) -> Reply<pb::Workspace> {
+        let caller = auth::caller(&req)?;
+        let r = req.into_inner();
+        let hw = HardwareRequest {
+            cpu_kind: r.cpu_kind,
+            cpus: r.cpus,
+            memory_mb: r.memory_mb,
+            volume_size_gb: r.volume_size_gb,
+            gpu_kind: r.gpu_kind,
+        };
+        let ws = self
+            .manager
+            .create_workspace(caller, &r.project, &hw)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(workspace_to_pb(ws)))
+    }
+
+    async fn list_workspaces(
+        &self,
+        req: Request<pb::ListWorkspacesRequest>,
+    ) -> Reply<pb::ListWorkspacesResponse> {
+        let caller = auth::caller(&req)?;
+        let r = req.get_ref();
+        let state = state_from_pb(r.state)?;
+        let project = (!r.project.is_empty()).then_some(r.project.as_str());
+        let list = self
+            .manager
+            .list_workspaces(caller, state, project)
+            .map_err(status)?;
+        Ok(Response::new(pb::ListWorkspacesResponse {
+            workspaces: list.into_iter().map(workspace_to_pb).collect(),
+        }))
+    }
+
+    async fn get_workspace(&self, req: Request<pb::GetWorkspaceRequest>) -> Reply<pb::Workspace> {
+        let caller = auth::caller(&req)?;
+        let ws = self
+            .manager
+            .get_workspace(caller, &req.get_ref().id)
+            .map_err(status)?;
+        Ok(Response::new(workspace_to_pb(ws)))
+    }
+
+    async fn start_workspace(
+        &self,
+        req: Request<pb::StartWorkspaceRequest>,
+    ) -> Reply<pb::Workspace> {
+        let caller = auth::caller(&req)?;
+        let ws = self
+            .manager
+            .start_workspace(caller, &req.get_ref().id)
+            .map_err(status)?;
+        Ok(Response::new(workspace_to_pb(ws)))
+    }
+
+    async fn stop_workspace(&self, req: Request<pb::StopWorkspaceRequest>) -> Reply<pb::Workspace> {
+        let caller = auth::caller(&req)?;
+        let r = req.get_ref();
+        let ws = self
+            .manager
+            .stop_workspace(caller, &r.id, r.force)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(workspace_to_pb(ws)))
+    }
+
+    async fn delete_workspace(
+        &self,
+        req: Request<pb::DeleteWorkspaceRequest>,
+    ) -> Reply<pb::DeleteWorkspaceResponse> {
+        let caller = auth::caller(&req)?;
+        let r = req.get_ref();
+        self.manager
+            .delete_workspace(caller, &r.id, r.force)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteWorkspaceResponse {}))
+    }
+
+    async fn update_workspace(
+        &self,
+        req: Request<pb::UpdateWorkspaceRequest>,
+    ) -> Reply<pb::Workspace> {
+        let caller = auth::caller(&req)?;
+        let r = req.into_inner();
+        let hw = HardwareRequest {
+            cpu_kind: r.cpu_kind,
+            cpus: r.cpus,
+            memory_mb: r.memory_mb,
+            volume_size_gb: r.volume_size_gb,
+            gpu_kind: r.gpu_kind,
+        };
+        let ws = self
+            .manager
+            .update_workspace(caller, &r.id, &hw)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(workspace_to_pb(ws)))
+    }
+}

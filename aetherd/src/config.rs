@@ -1,0 +1,112 @@
+//! Daemon configuration: a TOML file (default `/etc/aether/aetherd.toml`) overridden by flags.
+//!
+//! A missing file at the default path means "all defaults"; a missing file that was named with
+//! `--config` is an error, and so is an unknown key (a typo must not be silently ignored).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG: &str = "/etc/aether/aetherd.toml";
+
+/// Which accelerator new domains use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when it can run a guest, TCG otherwise.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Unix socket the API is served on.
+    pub socket: PathBuf,
+    /// Directory for the state database (and, later, volumes and logs).
+    pub state_dir: PathBuf,
+    /// libvirt connection URI.
+    pub libvirt_uri: String,
+    /// Largest volume a workspace may have, in GiB.
+    pub max_volume_size_gb: u32,
+    /// Seconds a graceful (ACPI) stop may take before the workspace becomes `stop_failed`.
+    pub stop_timeout_secs: u64,
+    /// Seconds any single libvirt call may take.
+    pub libvirt_timeout_secs: u64,
+    pub accel: Accel,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/aether/aetherd.sock"),
+            state_dir: PathBuf::from("/var/lib/aether"),
+            libvirt_uri: "qemu:///system".to_owned(),
+            max_volume_size_gb: 2048,
+            stop_timeout_secs: 60,
+            libvirt_timeout_secs: 30,
+            accel: Accel::Auto,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; when `explicit` is false a missing file yields the defaults.
+    pub fn load(path: &Path, explicit: bool) -> anyhow::Result<Config> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default())
+            }
+            Err(e) => anyhow::bail!("cannot read config file {}: {e}", path.display()),
+        };
+        let config: Config = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_volume_size_gb >= 1,
+            "max_volume_size_gb must be at least 1"
+        );
+        anyhow::ensure!(
+            self.libvirt_timeout_secs >= 1,
+            "libvirt_timeout_secs must be at least 1"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_default_file_gives_defaults_but_explicit_one_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("none.toml");
+        let c = Config::load(&p, false).unwrap();
+        assert_eq!(c.max_volume_size_gb, 2048);
+        assert_eq!(c.libvirt_uri, "qemu:///system");
+        assert!(Config::load(&p, true).is_err());
+    }
+
+    #[test]
+    fn file_values_and_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "max_volume_size_gb = 64\naccel = \"tcg\"\n").unwrap();
+        let c = Config::load(&p, true).unwrap();
+        assert_eq!(c.max_volume_size_gb, 64);
+        assert_eq!(c.accel, Accel::Tcg);
+        assert_eq!(c.stop_timeout_secs, 60);
+        std::fs::write(&p, "max_volume_sise_gb = 64\n").unwrap();
+        let err = Config::load(&p, true).unwrap_err().to_string();
+        assert!(err.contains("unknown field"), "{err}");
+        std::fs::write(&p, "max_volume_size_gb = 0\n").unwrap();
+        assert!(Config::load(&p, true).is_err());
+    }
+}

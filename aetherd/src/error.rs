@@ -1,0 +1,57 @@
+//! The daemon's error type. The API layer maps it to a gRPC status in exactly one place
+//! (`api::status`); everything below speaks this enum.
+
+use crate::workspace::state::State;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A value from the caller is malformed or out of range; the message names the allowed range.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No such object, or not visible to the caller.
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request is not allowed in the object's current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The workspace changed state while the request was being handled.
+    #[error("workspace {id} changed state concurrently (now {now}); try again")]
+    Conflict { id: String, now: State },
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("libvirt: {0}")]
+    Libvirt(String),
+    #[error("libvirt call {0} did not return within {1} s")]
+    LibvirtTimeout(&'static str, u64),
+    #[error("state database: {0}")]
+    Store(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::InvalidArgument(msg.into())
+    }
+
+    pub fn precondition(msg: impl Into<String>) -> Self {
+        Self::FailedPrecondition(msg.into())
+    }
+
+    pub fn not_found(kind: &'static str, id: impl Into<String>) -> Self {
+        Self::NotFound {
+            kind,
+            id: id.into(),
+        }
+    }
+}
+
+impl From<virt::error::Error> for Error {
+    fn from(e: virt::error::Error) -> Self {
+        Self::Libvirt(e.message().to_owned())
+    }
+}

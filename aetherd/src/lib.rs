@@ -1,0 +1,14 @@
+//! `aetherd`: development workspaces as libvirt/qemu virtual machines.
+//!
+//! Layers, top to bottom: [`api`] (gRPC, the only place that sees protobuf types) →
+//! [`workspace::ops`] (operations, one state machine in [`workspace::state`]) →
+//! [`store`] (SQLite) and [`hypervisor`] (libvirt through the `virt` crate).
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod hypervisor;
+pub mod model;
+pub mod server;
+pub mod store;
+pub mod workspace;

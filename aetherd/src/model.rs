@@ -1,0 +1,407 @@
+//! Validated domain types, parsed once at the edge.
+//!
+//! Nothing unvalidated reaches libvirt XML, a file path or a child process: every id, name and
+//! hardware value the daemon uses was built through one of the constructors here.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Lowest and highest vCPU count a workspace may have.
+pub const CPUS_RANGE: std::ops::RangeInclusive<u32> = 1..=8;
+/// Lowest and highest memory a workspace may have, in MiB.
+pub const MEMORY_MB_RANGE: std::ops::RangeInclusive<u32> = 256..=16384;
+
+/// A project id: 8 lowercase hex digits.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ProjectId(String);
+
+/// A workspace id: `ws-` followed by 6 lowercase alphanumerics.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WorkspaceId(String);
+
+/// A project name: `^[a-z0-9][a-z0-9-]{0,62}$`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ProjectName(String);
+
+fn random_chars(alphabet: &[u8], n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).expect("the kernel's random source is available");
+    // 256 is not a multiple of 36, so the modulo is very slightly biased; ids only need to be
+    // unlikely to collide (the store rejects a collision), not uniformly distributed.
+    bytes
+        .iter()
+        .map(|b| alphabet[*b as usize % alphabet.len()] as char)
+        .collect()
+}
+
+impl ProjectId {
+    pub fn generate() -> Self {
+        Self(random_chars(b"0123456789abcdef", 8))
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        if s.len() == 8
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(Error::invalid(format!(
+                "invalid project id {s:?}: expected 8 lowercase hex digits"
+            )))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl WorkspaceId {
+    pub fn generate() -> Self {
+        Self(format!(
+            "ws-{}",
+            random_chars(b"abcdefghijklmnopqrstuvwxyz0123456789", 6)
+        ))
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        let ok = s.len() == 9
+            && s.starts_with("ws-")
+            && s[3..]
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(Error::invalid(format!(
+                "invalid workspace id {s:?}: expected ws- followed by 6 lowercase letters or digits"
+            )))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The libvirt domain name of this workspace.
+    pub fn domain_name(&self) -> String {
+        format!("aether-{}", self.0)
+    }
+}
+
+impl ProjectName {
+    pub fn parse(s: &str) -> Result<Self> {
+        let bytes = s.as_bytes();
+        let ok = !bytes.is_empty()
+            && bytes.len() <= 63
+            && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(Error::invalid(format!(
+                "invalid project name {s:?}: use 1-63 lowercase letters, digits and '-', starting with a letter or digit"
+            )))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A reference to a project as users type it: its id or its name.
+#[derive(Clone, Debug)]
+pub enum ProjectRef {
+    Id(ProjectId),
+    Name(ProjectName),
+}
+
+impl ProjectRef {
+    /// An 8-hex-digit string is taken as an id first; the store falls back to the name.
+    pub fn parse(s: &str) -> Result<Self> {
+        if let Ok(id) = ProjectId::parse(s) {
+            return Ok(Self::Id(id));
+        }
+        ProjectName::parse(s)
+            .map(Self::Name)
+            .map_err(|_| Error::invalid(format!("invalid project {s:?}: not a project id or name")))
+    }
+}
+
+macro_rules! display_as_str {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    )*};
+}
+display_as_str!(ProjectId, WorkspaceId, ProjectName);
+
+/// How the vCPUs of a workspace are placed on host CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CpuKind {
+    Shared,
+    Performance,
+}
+
+impl CpuKind {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "shared" => Ok(Self::Shared),
+            "performance" => Ok(Self::Performance),
+            _ => Err(Error::invalid(format!(
+                "invalid cpu kind {s:?}: expected shared or performance"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Shared => "shared",
+            Self::Performance => "performance",
+        }
+    }
+}
+
+/// Validated hardware of a workspace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hardware {
+    pub cpu_kind: CpuKind,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    pub volume_size_gb: u32,
+    pub gpu_kind: Option<String>,
+}
+
+/// Hardware as requested: every field optional, nothing validated yet.
+#[derive(Clone, Debug, Default)]
+pub struct HardwareRequest {
+    pub cpu_kind: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory_mb: Option<u32>,
+    pub volume_size_gb: Option<u32>,
+    /// `Some("")` removes the GPU.
+    pub gpu_kind: Option<String>,
+}
+
+/// What the host offers, against which hardware is validated.
+#[derive(Clone, Debug)]
+pub struct HardwareLimits {
+    pub max_volume_size_gb: u32,
+    /// GPU kinds this host has.
+    pub gpu_kinds: Vec<String>,
+}
+
+impl Hardware {
+    pub const DEFAULT: Hardware = Hardware {
+        cpu_kind: CpuKind::Shared,
+        cpus: 2,
+        memory_mb: 2048,
+        volume_size_gb: 20,
+        gpu_kind: None,
+    };
+
+    /// `self` with the requested fields replaced, validated as a whole.
+    pub fn with(&self, req: &HardwareRequest, limits: &HardwareLimits) -> Result<Hardware> {
+        let cpu_kind = match &req.cpu_kind {
+            Some(s) => CpuKind::parse(s)?,
+            None => self.cpu_kind,
+        };
+        let cpus = req.cpus.unwrap_or(self.cpus);
+        if !CPUS_RANGE.contains(&cpus) {
+            return Err(Error::invalid(format!(
+                "cpus must be between {} and {} (got {cpus})",
+                CPUS_RANGE.start(),
+                CPUS_RANGE.end()
+            )));
+        }
+        let memory_mb = req.memory_mb.unwrap_or(self.memory_mb);
+        if !MEMORY_MB_RANGE.contains(&memory_mb) {
+            return Err(Error::invalid(format!(
+                "memory must be between {} and {} MiB (got {memory_mb})",
+                MEMORY_MB_RANGE.start(),
+                MEMORY_MB_RANGE.end()
+            )));
+        }
+        let volume_size_gb = req.volume_size_gb.unwrap_or(self.volume_size_gb);
+        if volume_size_gb < 1 || volume_size_gb > limits.max_volume_size_gb {
+            return Err(Error::invalid(format!(
+                "volume size must be between 1 and {} GiB (got {volume_size_gb})",
+                limits.max_volume_size_gb
+            )));
+        }
+        let gpu_kind = match req.gpu_kind.as_deref() {
+            None => self.gpu_kind.clone(),
+            Some("") => None,
+            Some(kind) if limits.gpu_kinds.iter().any(|k| k == kind) => Some(kind.to_owned()),
+            Some(kind) if limits.gpu_kinds.is_empty() => {
+                return Err(Error::invalid(format!(
+                    "unknown gpu kind {kind:?}: this host has no GPUs"
+                )))
+            }
+            Some(kind) => {
+                return Err(Error::invalid(format!(
+                    "unknown gpu kind {kind:?}: this host has {}",
+                    limits.gpu_kinds.join(", ")
+                )))
+            }
+        };
+        Ok(Hardware {
+            cpu_kind,
+            cpus,
+            memory_mb,
+            volume_size_gb,
+            gpu_kind,
+        })
+    }
+
+    /// An update of a workspace that already exists: like [`Hardware::with`], and the volume
+    /// cannot shrink.
+    pub fn updated(&self, req: &HardwareRequest, limits: &HardwareLimits) -> Result<Hardware> {
+        let new = self.with(req, limits)?;
+        if new.volume_size_gb < self.volume_size_gb {
+            return Err(Error::invalid(format!(
+                "volume size can only grow: it is {} GiB, requested {} GiB",
+                self.volume_size_gb, new.volume_size_gb
+            )));
+        }
+        Ok(new)
+    }
+}
+
+impl fmt::Display for Hardware {
+    /// `2cpu/2048mb`, plus `/gpu:KIND` with a GPU.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}cpu/{}mb", self.cpus, self.memory_mb)?;
+        if let Some(gpu) = &self.gpu_kind {
+            write!(f, "/gpu:{gpu}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> HardwareLimits {
+        HardwareLimits {
+            max_volume_size_gb: 100,
+            gpu_kinds: vec![],
+        }
+    }
+
+    #[test]
+    fn ids_round_trip_and_reject_garbage() {
+        for _ in 0..100 {
+            let w = WorkspaceId::generate();
+            assert_eq!(WorkspaceId::parse(w.as_str()).unwrap(), w);
+            let p = ProjectId::generate();
+            assert_eq!(ProjectId::parse(p.as_str()).unwrap(), p);
+        }
+        for bad in [
+            "",
+            "ws-",
+            "ws-ABC123",
+            "ws-abc12",
+            "ws-abc1234",
+            "xx-abc123",
+            "ws-ab/123",
+        ] {
+            assert!(WorkspaceId::parse(bad).is_err(), "{bad}");
+        }
+        for bad in ["", "A1B2C3D4", "a1b2c3d", "a1b2c3d4e", "g1b2c3d4"] {
+            assert!(ProjectId::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn project_names() {
+        for good in ["a", "my-app", "0x", &"a".repeat(63)] {
+            assert!(ProjectName::parse(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "My-app",
+            "a_b",
+            "a b",
+            "../x",
+            &"a".repeat(64),
+            "é",
+        ] {
+            assert!(ProjectName::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hardware_ranges_are_enforced_with_specific_messages() {
+        let d = Hardware::DEFAULT;
+        let req = |f: fn(&mut HardwareRequest)| {
+            let mut r = HardwareRequest::default();
+            f(&mut r);
+            r
+        };
+        let err = d.with(&req(|r| r.cpus = Some(9)), &limits()).unwrap_err();
+        assert_eq!(err.to_string(), "cpus must be between 1 and 8 (got 9)");
+        assert!(d.with(&req(|r| r.cpus = Some(0)), &limits()).is_err());
+        assert!(d.with(&req(|r| r.cpus = Some(8)), &limits()).is_ok());
+        let err = d
+            .with(&req(|r| r.memory_mb = Some(255)), &limits())
+            .unwrap_err();
+        assert!(err.to_string().contains("between 256 and 16384"), "{err}");
+        assert!(d
+            .with(&req(|r| r.memory_mb = Some(16384)), &limits())
+            .is_ok());
+        let err = d
+            .with(&req(|r| r.volume_size_gb = Some(101)), &limits())
+            .unwrap_err();
+        assert!(err.to_string().contains("between 1 and 100 GiB"), "{err}");
+        let err = d
+            .with(&req(|r| r.cpu_kind = Some("fast".into())), &limits())
+            .unwrap_err();
+        assert!(err.to_string().contains("shared or performance"), "{err}");
+        let err = d
+            .with(&req(|r| r.gpu_kind = Some("h100".into())), &limits())
+            .unwrap_err();
+        assert!(err.to_string().contains("no GPUs"), "{err}");
+        let gpus = HardwareLimits {
+            max_volume_size_gb: 100,
+            gpu_kinds: vec!["nvidia-a".into()],
+        };
+        let hw = d
+            .with(&req(|r| r.gpu_kind = Some("nvidia-a".into())), &gpus)
+            .unwrap();
+        assert_eq!(hw.to_string(), "2cpu/2048mb/gpu:nvidia-a");
+        let err = d
+            .with(&req(|r| r.gpu_kind = Some("x".into())), &gpus)
+            .unwrap_err();
+        assert!(err.to_string().contains("this host has nvidia-a"), "{err}");
+    }
+
+    #[test]
+    fn volume_only_grows_on_update() {
+        let d = Hardware::DEFAULT;
+        let shrink = HardwareRequest {
+            volume_size_gb: Some(10),
+            ..Default::default()
+        };
+        let err = d.updated(&shrink, &limits()).unwrap_err();
+        assert!(err.to_string().contains("can only grow"), "{err}");
+        let grow = HardwareRequest {
+            volume_size_gb: Some(30),
+            ..Default::default()
+        };
+        assert_eq!(d.updated(&grow, &limits()).unwrap().volume_size_gb, 30);
+    }
+}

@@ -1,0 +1,576 @@
+//! The state database: one SQLite file in the state directory.
+//!
+//! Invariants:
+//! - WAL journal, `synchronous=FULL` (a committed transition survives power loss), foreign keys on.
+//! - The schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] are applied in order,
+//!   each in its own transaction, and are never edited once released (add a new one instead).
+//! - A workspace's state only changes through [`Store::cas_state`], a compare-and-swap on its
+//!   `generation`: the caller names the generation it decided on, and loses if anything else
+//!   changed the row in between.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+
+use crate::error::{Error, Result};
+use crate::model::{Hardware, ProjectId, ProjectName, ProjectRef, WorkspaceId};
+use crate::workspace::state::State;
+
+/// Schema versions; index + 1 is the `user_version` after applying.
+const MIGRATIONS: &[&str] = &[
+    // 1: projects and workspaces.
+    "CREATE TABLE projects (
+        id         TEXT PRIMARY KEY,
+        name       TEXT NOT NULL UNIQUE,
+        owner_uid  INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE workspaces (
+        id               TEXT PRIMARY KEY,
+        project_id       TEXT NOT NULL REFERENCES projects(id),
+        owner_uid        INTEGER NOT NULL,
+        uuid             TEXT NOT NULL UNIQUE,
+        state            TEXT NOT NULL CHECK (state IN
+                           ('stopped','starting','running','stopping','error','stop_failed')),
+        generation       INTEGER NOT NULL DEFAULT 0,
+        reason           TEXT NOT NULL DEFAULT '',
+        hardware         TEXT NOT NULL,
+        pending_hardware TEXT,
+        created_at       INTEGER NOT NULL,
+        updated_at       INTEGER NOT NULL
+    );
+    CREATE INDEX workspaces_project ON workspaces(project_id);",
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Project {
+    pub id: ProjectId,
+    pub name: ProjectName,
+    pub owner_uid: u32,
+    pub created_at: i64,
+    pub workspace_count: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workspace {
+    pub id: WorkspaceId,
+    pub project_id: ProjectId,
+    pub project_name: ProjectName,
+    pub owner_uid: u32,
+    pub uuid: String,
+    pub state: State,
+    pub generation: u64,
+    pub reason: String,
+    pub hardware: Hardware,
+    pub pending_hardware: Option<Hardware>,
+    pub created_at: i64,
+}
+
+/// Which rows a caller may see: `None` for root/admins, `Some(uid)` for a plain user.
+pub type Owner = Option<u32>;
+
+#[derive(Clone, Debug, Default)]
+pub struct WorkspaceFilter {
+    pub state: Option<State>,
+    pub project: Option<ProjectId>,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A stored value that should have been valid when it was written.
+fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::InvalidColumnType(0, format!("{what}: {e}"), rusqlite::types::Type::Text)
+}
+
+const WORKSPACE_COLUMNS: &str = "w.id, w.project_id, p.name, w.owner_uid, w.uuid, w.state, \
+     w.generation, w.reason, w.hardware, w.pending_hardware, w.created_at";
+
+fn workspace_from_row(r: &Row<'_>) -> rusqlite::Result<Workspace> {
+    let hw = |s: String| serde_json::from_str::<Hardware>(&s).map_err(|e| corrupt("hardware", e));
+    Ok(Workspace {
+        id: WorkspaceId::parse(&r.get::<_, String>(0)?).map_err(|e| corrupt("workspace id", e))?,
+        project_id: ProjectId::parse(&r.get::<_, String>(1)?)
+            .map_err(|e| corrupt("project id", e))?,
+        project_name: ProjectName::parse(&r.get::<_, String>(2)?)
+            .map_err(|e| corrupt("project name", e))?,
+        owner_uid: r.get(3)?,
+        uuid: r.get(4)?,
+        state: State::parse(&r.get::<_, String>(5)?).map_err(|e| corrupt("state", e))?,
+        generation: r.get::<_, i64>(6)? as u64,
+        reason: r.get(7)?,
+        hardware: hw(r.get(8)?)?,
+        pending_hardware: r.get::<_, Option<String>>(9)?.map(hw).transpose()?,
+        created_at: r.get(10)?,
+    })
+}
+
+fn project_from_row(r: &Row<'_>) -> rusqlite::Result<Project> {
+    Ok(Project {
+        id: ProjectId::parse(&r.get::<_, String>(0)?).map_err(|e| corrupt("project id", e))?,
+        name: ProjectName::parse(&r.get::<_, String>(1)?)
+            .map_err(|e| corrupt("project name", e))?,
+        owner_uid: r.get(2)?,
+        created_at: r.get(3)?,
+        workspace_count: r.get(4)?,
+    })
+}
+
+const PROJECT_QUERY: &str = "SELECT p.id, p.name, p.owner_uid, p.created_at, \
+     (SELECT COUNT(*) FROM workspaces w WHERE w.project_id = p.id) FROM projects p";
+
+fn hardware_json(hw: &Hardware) -> String {
+    serde_json::to_string(hw).expect("hardware serializes")
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Store> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        migrate(&mut conn)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-written row: every write is one
+        // SQLite transaction. So a poisoned lock is safe to keep using.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn schema_version(&self) -> Result<u32> {
+        Ok(self
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    pub fn insert_project(&self, name: &ProjectName, owner_uid: u32) -> Result<Project> {
+        let conn = self.conn();
+        let id = ProjectId::generate();
+        let created_at = now();
+        let res = conn.execute(
+            "INSERT INTO projects (id, name, owner_uid, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id.as_str(), name.as_str(), owner_uid, created_at],
+        );
+        match res {
+            Ok(_) => Ok(Project {
+                id,
+                name: name.clone(),
+                owner_uid,
+                created_at,
+                workspace_count: 0,
+            }),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(Error::AlreadyExists(format!(
+                    "project {name} already exists"
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn list_projects(&self, owner: Owner) -> Result<Vec<Project>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "{PROJECT_QUERY} WHERE (?1 IS NULL OR p.owner_uid = ?1) ORDER BY p.name"
+        ))?;
+        let rows = stmt.query_map(params![owner], project_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Finds a project by id, or by name (an 8-hex-digit name is looked up both ways).
+    pub fn find_project(&self, r: &ProjectRef, owner: Owner) -> Result<Project> {
+        let conn = self.conn();
+        let (by_id, by_name, shown) = match r {
+            ProjectRef::Id(id) => (Some(id.as_str()), id.as_str(), id.as_str()),
+            ProjectRef::Name(n) => (None, n.as_str(), n.as_str()),
+        };
+        conn.query_row(
+            &format!(
+                "{PROJECT_QUERY} WHERE (p.id = ?1 OR p.name = ?2) AND (?3 IS NULL OR p.owner_uid = ?3) \
+                 ORDER BY p.id = ?1 DESC LIMIT 1"
+            ),
+            params![by_id, by_name, owner],
+            project_from_row,
+        )
+        .optional()?
+        .ok_or_else(|| Error::not_found("project", shown))
+    }
+
+    /// Deletes a project that has no workspaces.
+    pub fn delete_project(&self, id: &ProjectId) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let count: u32 = tx.query_row(
+            "SELECT COUNT(*) FROM workspaces WHERE project_id = ?1",
+            [id.as_str()],
+            |r| r.get(0),
+        )?;
+        if count > 0 {
+            return Err(Error::precondition(format!(
+                "project {id} still has {count} workspace(s); delete them first"
+            )));
+        }
+        if tx.execute("DELETE FROM projects WHERE id = ?1", [id.as_str()])? == 0 {
+            return Err(Error::not_found("project", id.as_str()));
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Inserts a new workspace in state `stopped`.
+    pub fn insert_workspace(
+        &self,
+        project: &Project,
+        owner_uid: u32,
+        uuid: &str,
+        hardware: &Hardware,
+    ) -> Result<Workspace> {
+        let conn = self.conn();
+        // An id collision is astronomically rare but possible; try a few fresh ids.
+        for _ in 0..5 {
+            let id = WorkspaceId::generate();
+            let created_at = now();
+            let res = conn.execute(
+                "INSERT INTO workspaces (id, project_id, owner_uid, uuid, state, hardware, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, 'stopped', ?5, ?6, ?6)",
+                params![id.as_str(), project.id.as_str(), owner_uid, uuid, hardware_json(hardware), created_at],
+            );
+            match res {
+                Ok(_) => {
+                    return Ok(Workspace {
+                        id,
+                        project_id: project.id.clone(),
+                        project_name: project.name.clone(),
+                        owner_uid,
+                        uuid: uuid.to_owned(),
+                        state: State::Stopped,
+                        generation: 0,
+                        reason: String::new(),
+                        hardware: hardware.clone(),
+                        pending_hardware: None,
+                        created_at,
+                    })
+                }
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Internal(
+            "could not allocate a unique workspace id".into(),
+        ))
+    }
+
+    pub fn get_workspace(&self, id: &WorkspaceId, owner: Owner) -> Result<Workspace> {
+        let conn = self.conn();
+        conn.query_row(
+            &format!(
+                "SELECT {WORKSPACE_COLUMNS} FROM workspaces w JOIN projects p ON p.id = w.project_id \
+                 WHERE w.id = ?1 AND (?2 IS NULL OR w.owner_uid = ?2)"
+            ),
+            params![id.as_str(), owner],
+            workspace_from_row,
+        )
+        .optional()?
+        .ok_or_else(|| Error::not_found("workspace", id.as_str()))
+    }
+
+    pub fn list_workspaces(
+        &self,
+        filter: &WorkspaceFilter,
+        owner: Owner,
+    ) -> Result<Vec<Workspace>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {WORKSPACE_COLUMNS} FROM workspaces w JOIN projects p ON p.id = w.project_id \
+             WHERE (?1 IS NULL OR w.state = ?1) AND (?2 IS NULL OR w.project_id = ?2) \
+               AND (?3 IS NULL OR w.owner_uid = ?3) \
+             ORDER BY w.created_at, w.id"
+        ))?;
+        let rows = stmt.query_map(
+            params![
+                filter.state.map(State::as_str),
+                filter.project.as_ref().map(ProjectId::as_str),
+                owner
+            ],
+            workspace_from_row,
+        )?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Moves `ws` to `to` if its generation is still `ws.generation`; with `apply_pending`
+    /// the pending hardware (if any) becomes the hardware in the same transaction.
+    /// Returns the updated workspace, or [`Error::Conflict`] if another change won.
+    pub fn cas_state(
+        &self,
+        ws: &Workspace,
+        to: State,
+        reason: &str,
+        apply_pending: bool,
+    ) -> Result<Workspace> {
+        let changed = self.conn().execute(
+            "UPDATE workspaces SET state = ?1, reason = ?2, generation = generation + 1, updated_at = ?3,
+                 hardware = CASE WHEN ?4 AND pending_hardware IS NOT NULL THEN pending_hardware ELSE hardware END,
+                 pending_hardware = CASE WHEN ?4 THEN NULL ELSE pending_hardware END
+             WHERE id = ?5 AND generation = ?6",
+            params![to.as_str(), reason, now(), apply_pending, ws.id.as_str(), ws.generation as i64],
+        )?;
+        let now = self.get_workspace(&ws.id, None)?;
+        if changed == 0 {
+            return Err(Error::Conflict {
+                id: ws.id.to_string(),
+                now: now.state,
+            });
+        }
+        tracing::info!(
+            workspace = %ws.id,
+            generation = now.generation,
+            from = %ws.state,
+            to = %to,
+            reason,
+            "state transition"
+        );
+        Ok(now)
+    }
+
+    /// Sets hardware and pending hardware, gated on the generation like a transition.
+    pub fn set_hardware(
+        &self,
+        ws: &Workspace,
+        hardware: &Hardware,
+        pending: Option<&Hardware>,
+    ) -> Result<Workspace> {
+        let changed = self.conn().execute(
+            "UPDATE workspaces SET hardware = ?1, pending_hardware = ?2, generation = generation + 1,
+                 updated_at = ?3
+             WHERE id = ?4 AND generation = ?5",
+            params![
+                hardware_json(hardware),
+                pending.map(hardware_json),
+                now(),
+                ws.id.as_str(),
+                ws.generation as i64
+            ],
+        )?;
+        let now = self.get_workspace(&ws.id, None)?;
+        if changed == 0 {
+            return Err(Error::Conflict {
+                id: ws.id.to_string(),
+                now: now.state,
+            });
+        }
+        Ok(now)
+    }
+
+    /// Deletes the row of a workspace whose generation is still `ws.generation`.
+    pub fn delete_workspace(&self, ws: &Workspace) -> Result<()> {
+        let changed = self.conn().execute(
+            "DELETE FROM workspaces WHERE id = ?1 AND generation = ?2",
+            params![ws.id.as_str(), ws.generation as i64],
+        )?;
+        if changed == 0 {
+            let now = self.get_workspace(&ws.id, None)?;
+            return Err(Error::Conflict {
+                id: ws.id.to_string(),
+                now: now.state,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let current: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if current as usize > MIGRATIONS.len() {
+        return Err(Error::Internal(format!(
+            "state database has schema version {current}, newer than this aetherd ({}); refusing to run",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as u32)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "migrated state database");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("state.db")).unwrap();
+        (dir, s)
+    }
+
+    fn project(s: &Store, name: &str) -> Project {
+        s.insert_project(&ProjectName::parse(name).unwrap(), 1000)
+            .unwrap()
+    }
+
+    #[test]
+    fn migrations_are_applied_once_and_reopen_keeps_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let s = Store::open(&path).unwrap();
+            assert_eq!(s.schema_version().unwrap() as usize, MIGRATIONS.len());
+            project(&s, "keep");
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.list_projects(None).unwrap().len(), 1);
+        let mode: String = s
+            .conn()
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        assert!(Store::open(&path).is_err());
+    }
+
+    #[test]
+    fn project_names_are_unique_and_delete_needs_no_workspaces() {
+        let (_d, s) = store();
+        let p = project(&s, "app");
+        let err = s
+            .insert_project(&ProjectName::parse("app").unwrap(), 1)
+            .unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)), "{err:?}");
+        s.insert_workspace(&p, 1000, "u1", &Hardware::DEFAULT)
+            .unwrap();
+        let err = s.delete_project(&p.id).unwrap_err();
+        assert!(err.to_string().contains("still has 1 workspace"), "{err}");
+        let by_name = s
+            .find_project(&ProjectRef::parse("app").unwrap(), None)
+            .unwrap();
+        assert_eq!(by_name.id, p.id);
+        assert_eq!(by_name.workspace_count, 1);
+    }
+
+    #[test]
+    fn owner_filter_hides_other_users_rows() {
+        let (_d, s) = store();
+        let p = project(&s, "mine");
+        let ws = s
+            .insert_workspace(&p, 1000, "u1", &Hardware::DEFAULT)
+            .unwrap();
+        assert_eq!(s.list_projects(Some(1000)).unwrap().len(), 1);
+        assert_eq!(s.list_projects(Some(1001)).unwrap().len(), 0);
+        assert!(s.get_workspace(&ws.id, Some(1001)).is_err());
+        assert!(s.get_workspace(&ws.id, Some(1000)).is_ok());
+        assert!(s
+            .find_project(&ProjectRef::parse("mine").unwrap(), Some(1001))
+            .is_err());
+    }
+
+    #[test]
+    fn cas_loses_against_a_concurrent_change() {
+        let (_d, s) = store();
+        let p = project(&s, "app");
+        let ws = s
+            .insert_workspace(&p, 1000, "u1", &Hardware::DEFAULT)
+            .unwrap();
+        let a = s.cas_state(&ws, State::Starting, "", true).unwrap();
+        assert_eq!(a.generation, 1);
+        // `ws` is stale now: a second decision based on it must lose.
+        let err = s.cas_state(&ws, State::Starting, "", true).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Conflict {
+                    now: State::Starting,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(s.delete_workspace(&ws).is_err());
+        s.delete_workspace(&a).unwrap();
+    }
+
+    #[test]
+    fn pending_hardware_is_applied_by_a_transition_that_asks_for_it() {
+        let (_d, s) = store();
+        let p = project(&s, "app");
+        let ws = s
+            .insert_workspace(&p, 1000, "u1", &Hardware::DEFAULT)
+            .unwrap();
+        let bigger = Hardware {
+            cpus: 4,
+            ..Hardware::DEFAULT
+        };
+        let ws = s
+            .set_hardware(&ws, &Hardware::DEFAULT, Some(&bigger))
+            .unwrap();
+        let ws = s.cas_state(&ws, State::Error, "x", false).unwrap();
+        assert_eq!(ws.pending_hardware.as_ref(), Some(&bigger));
+        let ws = s.cas_state(&ws, State::Starting, "", true).unwrap();
+        assert_eq!(ws.hardware, bigger);
+        assert_eq!(ws.pending_hardware, None);
+    }
+
+    #[test]
+    fn list_filters_by_state_and_project() {
+        let (_d, s) = store();
+        let a = project(&s, "a");
+        let b = project(&s, "b");
+        let w1 = s.insert_workspace(&a, 1, "u1", &Hardware::DEFAULT).unwrap();
+        s.insert_workspace(&b, 1, "u2", &Hardware::DEFAULT).unwrap();
+        s.cas_state(&w1, State::Starting, "", true).unwrap();
+        let f = |state, project: Option<&Project>| WorkspaceFilter {
+            state,
+            project: project.map(|p| p.id.clone()),
+        };
+        assert_eq!(s.list_workspaces(&f(None, None), None).unwrap().len(), 2);
+        assert_eq!(
+            s.list_workspaces(&f(Some(State::Starting), None), None)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            s.list_workspaces(&f(None, Some(&b)), None).unwrap().len(),
+            1
+        );
+        assert_eq!(
+            s.list_workspaces(&f(Some(State::Starting), Some(&b)), None)
+                .unwrap()
+                .len(),
+            0
+        );
+    }
+}
