@@ -1,1 +1,518 @@
-fn main() {}
+//! `aether`: the command-line client of aetherd.
+//!
+//! Exit codes: 0 success; 1 the request failed (the daemon's one-line reason is printed on
+//! stderr); 2 the command line was invalid.
+
+mod client;
+mod output;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use aether_proto::v1 as pb;
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use client::Client;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "aether",
+    version,
+    about = "Development workspaces as virtual machines on your own Linux box",
+    after_help = "Exit codes: 0 success, 1 the request failed, 2 invalid command line."
+)]
+struct Cli {
+    /// aetherd's Unix socket.
+    #[arg(
+        long,
+        global = true,
+        env = "AETHER_SOCKET",
+        default_value = "/run/aether/aetherd.sock",
+        value_name = "PATH"
+    )]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// Aligned columns and key/value blocks for people.
+    Table,
+    /// JSON with the API's field names, for scripts.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Projects group workspaces.
+    #[command(subcommand)]
+    Project(ProjectCmd),
+    /// Workspaces are virtual machines with a persistent volume.
+    #[command(subcommand, visible_alias = "ws")]
+    Workspace(WorkspaceCmd),
+    /// The host aetherd runs on.
+    #[command(subcommand)]
+    Host(HostCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ProjectCmd {
+    /// Create a project and print its id.
+    Create {
+        /// 1-63 lowercase letters, digits and '-', starting with a letter or digit.
+        name: String,
+    },
+    /// List projects.
+    List,
+    /// Show a project.
+    Get {
+        /// Project id or name.
+        project: String,
+    },
+    /// Delete a project (it must have no workspaces).
+    Delete {
+        /// Project id or name.
+        project: String,
+    },
+    /// Make a project the current one (the default for --project).
+    Use {
+        /// Project id or name.
+        project: String,
+    },
+    /// Show the current project.
+    Current,
+}
+
+#[derive(Subcommand, Debug)]
+enum WorkspaceCmd {
+    /// Create a workspace (state stopped) and print its id.
+    Create {
+        /// Project id or name [default: the current project].
+        #[arg(long)]
+        project: Option<String>,
+        #[command(flatten)]
+        hardware: HardwareArgs,
+    },
+    /// List workspaces.
+    List {
+        /// Only workspaces in this state: stopped, starting, running, stopping, error, stop_failed.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only workspaces of this project (id or name).
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Show a workspace: state, hardware, pending changes, addresses, last error.
+    Get { id: String },
+    /// Start a workspace and wait until it is running.
+    Start {
+        id: String,
+        /// Return as soon as the daemon accepted the request.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop a workspace (ACPI shutdown) and wait until it is stopped. The volume is kept.
+    Stop {
+        id: String,
+        /// Power the VM off at once instead of asking the guest to shut down.
+        #[arg(long)]
+        force: bool,
+        /// Return as soon as the daemon accepted the request.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Delete a workspace: its VM and its volume.
+    Delete {
+        id: String,
+        /// Power the VM off first if it is running.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Change hardware: at once when stopped, at the next start when running.
+    Update {
+        id: String,
+        #[command(flatten)]
+        hardware: HardwareArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+struct HardwareArgs {
+    /// Number of vCPUs, 1-8 [create default: 2].
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory in MiB, 256-16384 [create default: 2048].
+    #[arg(long)]
+    memory: Option<u32>,
+    /// Root volume size in GiB, up to the daemon's max_volume_size_gb; it can only grow
+    /// [create default: 20].
+    #[arg(long)]
+    volume_size: Option<u32>,
+    /// shared (vCPUs float over host CPUs) or performance (dedicated host CPUs) [create default: shared].
+    #[arg(long)]
+    cpu_kind: Option<String>,
+    /// A GPU kind this host has (see `aether host info`); "" removes the GPU.
+    #[arg(long)]
+    gpu_kind: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum HostCmd {
+    /// Show versions, the libvirt connection and the accelerator.
+    Info,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("can start the tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("aether: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error chain as one readable line; a gRPC status shows only its message.
+fn one_line(e: &anyhow::Error) -> String {
+    if let Some(status) = e.downcast_ref::<tonic::Status>() {
+        return status.message().to_owned();
+    }
+    format!("{e:#}")
+}
+
+/// Prints text, treating a closed pipe (`aether … | head`) as success.
+fn emit(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("cannot write to stdout"),
+    }
+}
+
+fn emit_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    emit(&format!("{}\n", serde_json::to_string_pretty(v)?))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let format = cli.output;
+    // `project current` needs no daemon when nothing is set.
+    match cli.command {
+        Command::Project(cmd) => project(&cli.socket, format, cmd).await,
+        Command::Workspace(cmd) => {
+            let mut c = client::connect(&cli.socket).await?;
+            workspace(&mut c, format, cmd).await
+        }
+        Command::Host(HostCmd::Info) => {
+            let mut c = client::connect(&cli.socket).await?;
+            let h = c
+                .get_host_info(pb::GetHostInfoRequest {})
+                .await?
+                .into_inner();
+            match format {
+                Format::Json => emit_json(&output::host_json(&h))?,
+                Format::Table => emit(&output::host_details(&h))?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+// ---- current project ----
+
+fn current_project_file() -> anyhow::Result<PathBuf> {
+    let dirs = directories::ProjectDirs::from("", "", "aether")
+        .ok_or_else(|| anyhow!("cannot find your home directory to keep the current project"))?;
+    Ok(dirs.config_dir().join("current-project"))
+}
+
+fn read_current_project() -> anyhow::Result<Option<String>> {
+    let path = current_project_file()?;
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(Some(s.trim().to_owned())),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn write_current_project(id: &str) -> anyhow::Result<()> {
+    let path = current_project_file()?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(&path, format!("{id}\n"))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+async fn project(
+    socket: &std::path::Path,
+    format: Format,
+    cmd: ProjectCmd,
+) -> anyhow::Result<ExitCode> {
+    let mut c = client::connect(socket).await?;
+    match cmd {
+        ProjectCmd::Create { name } => {
+            let p = c
+                .create_project(pb::CreateProjectRequest { name })
+                .await?
+                .into_inner();
+            match format {
+                Format::Json => emit_json(&output::project_json(&p))?,
+                Format::Table => emit(&format!("{}\n", p.id))?,
+            }
+        }
+        ProjectCmd::List => {
+            let list = c
+                .list_projects(pb::ListProjectsRequest {})
+                .await?
+                .into_inner()
+                .projects;
+            match format {
+                Format::Json => emit_json(&list.iter().map(output::project_json).collect())?,
+                Format::Table => emit(&output::project_table(&list))?,
+            }
+        }
+        ProjectCmd::Get { project } => {
+            let p = c
+                .get_project(pb::GetProjectRequest { project })
+                .await?
+                .into_inner();
+            show_project(format, &p)?;
+        }
+        ProjectCmd::Delete { project } => {
+            let p = c
+                .get_project(pb::GetProjectRequest {
+                    project: project.clone(),
+                })
+                .await?
+                .into_inner();
+            c.delete_project(pb::DeleteProjectRequest {
+                project: p.id.clone(),
+            })
+            .await?;
+            if read_current_project()?.as_deref() == Some(p.id.as_str()) {
+                std::fs::remove_file(current_project_file()?)?;
+            }
+            if format == Format::Json {
+                emit_json(&output::project_json(&p))?;
+            }
+        }
+        ProjectCmd::Use { project } => {
+            let p = c
+                .get_project(pb::GetProjectRequest { project })
+                .await?
+                .into_inner();
+            write_current_project(&p.id)?;
+            match format {
+                Format::Json => emit_json(&output::project_json(&p))?,
+                Format::Table => emit(&format!("now using project {} ({})\n", p.name, p.id))?,
+            }
+        }
+        ProjectCmd::Current => {
+            let Some(id) = read_current_project()? else {
+                bail!("no current project; run `aether project use NAME`");
+            };
+            let p = c
+                .get_project(pb::GetProjectRequest {
+                    project: id.clone(),
+                })
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "the current project {id} no longer exists; run `aether project use NAME`"
+                    )
+                })?
+                .into_inner();
+            match format {
+                Format::Json => emit_json(&output::project_json(&p))?,
+                Format::Table => emit(&format!("{}\n", p.name))?,
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show_project(format: Format, p: &pb::Project) -> anyhow::Result<()> {
+    match format {
+        Format::Json => emit_json(&output::project_json(p)),
+        Format::Table => emit(&output::project_details(p)),
+    }
+}
+
+fn show_workspace(format: Format, w: &pb::Workspace) -> anyhow::Result<()> {
+    match format {
+        Format::Json => emit_json(&output::workspace_json(w)),
+        Format::Table => emit(&output::workspace_details(w)),
+    }
+}
+
+async fn workspace(c: &mut Client, format: Format, cmd: WorkspaceCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        WorkspaceCmd::Create { project, hardware } => {
+            let project = match project {
+                Some(p) => p,
+                None => read_current_project()?.ok_or_else(|| {
+                    anyhow!("no --project given and no current project; run `aether project use NAME` or pass --project")
+                })?,
+            };
+            let w = c
+                .create_workspace(pb::CreateWorkspaceRequest {
+                    project,
+                    cpu_kind: hardware.cpu_kind,
+                    cpus: hardware.cpus,
+                    memory_mb: hardware.memory,
+                    volume_size_gb: hardware.volume_size,
+                    gpu_kind: hardware.gpu_kind,
+                })
+                .await?
+                .into_inner();
+            match format {
+                Format::Json => emit_json(&output::workspace_json(&w))?,
+                Format::Table => emit(&format!("{}\n", w.id))?,
+            }
+        }
+        WorkspaceCmd::List { status, project } => {
+            let state = match status.as_deref() {
+                None => pb::WorkspaceState::Unspecified,
+                Some(s) => output::state_from_name(s).ok_or_else(|| {
+                    anyhow!("invalid status {s:?}: expected one of stopped, starting, running, stopping, error, stop_failed")
+                })?,
+            };
+            let list = c
+                .list_workspaces(pb::ListWorkspacesRequest {
+                    state: state as i32,
+                    project: project.unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .workspaces;
+            match format {
+                Format::Json => emit_json(&list.iter().map(output::workspace_json).collect())?,
+                Format::Table => emit(&output::workspace_table(&list))?,
+            }
+        }
+        WorkspaceCmd::Get { id } => {
+            let w = c
+                .get_workspace(pb::GetWorkspaceRequest { id })
+                .await?
+                .into_inner();
+            show_workspace(format, &w)?;
+        }
+        WorkspaceCmd::Start { id, no_wait } => {
+            let w = c
+                .start_workspace(pb::StartWorkspaceRequest { id })
+                .await?
+                .into_inner();
+            let w = if no_wait {
+                w
+            } else {
+                wait_while(c, format, w, pb::WorkspaceState::Starting).await?
+            };
+            return finish(format, &w, pb::WorkspaceState::Running, no_wait);
+        }
+        WorkspaceCmd::Stop { id, force, no_wait } => {
+            let w = c
+                .stop_workspace(pb::StopWorkspaceRequest { id, force })
+                .await?
+                .into_inner();
+            let w = if no_wait {
+                w
+            } else {
+                wait_while(c, format, w, pb::WorkspaceState::Stopping).await?
+            };
+            return finish(format, &w, pb::WorkspaceState::Stopped, no_wait);
+        }
+        WorkspaceCmd::Delete { id, force } => {
+            c.delete_workspace(pb::DeleteWorkspaceRequest {
+                id: id.clone(),
+                force,
+            })
+            .await?;
+            if format == Format::Json {
+                emit_json(&serde_json::json!({ "id": id, "deleted": true }))?;
+            }
+        }
+        WorkspaceCmd::Update { id, hardware } => {
+            let w = c
+                .update_workspace(pb::UpdateWorkspaceRequest {
+                    id,
+                    cpu_kind: hardware.cpu_kind,
+                    cpus: hardware.cpus,
+                    memory_mb: hardware.memory,
+                    volume_size_gb: hardware.volume_size,
+                    gpu_kind: hardware.gpu_kind,
+                })
+                .await?
+                .into_inner();
+            show_workspace(format, &w)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Polls the workspace until it leaves `transitional`, printing progress on stderr for
+/// people. The daemon bounds every transitional state (boot and stop timeouts), so this ends.
+async fn wait_while(
+    c: &mut Client,
+    format: Format,
+    mut w: pb::Workspace,
+    transitional: pb::WorkspaceState,
+) -> anyhow::Result<pb::Workspace> {
+    let started = Instant::now();
+    let mut last_note = Instant::now();
+    while w.state == transitional as i32 {
+        if format == Format::Table && last_note.elapsed() >= Duration::from_secs(5) {
+            eprintln!(
+                "{}: {} ({} s)",
+                w.id,
+                output::state_name(w.state),
+                started.elapsed().as_secs()
+            );
+            last_note = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        w = c
+            .get_workspace(pb::GetWorkspaceRequest { id: w.id.clone() })
+            .await?
+            .into_inner();
+    }
+    Ok(w)
+}
+
+/// Reports the outcome of start/stop; anything but `wanted` (after waiting) is a failure.
+fn finish(
+    format: Format,
+    w: &pb::Workspace,
+    wanted: pb::WorkspaceState,
+    no_wait: bool,
+) -> anyhow::Result<ExitCode> {
+    match format {
+        Format::Json => emit_json(&output::workspace_json(w))?,
+        Format::Table => emit(&format!("{} {}\n", w.id, output::state_name(w.state)))?,
+    }
+    if no_wait || w.state == wanted as i32 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let reason = if w.reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", w.reason)
+    };
+    eprintln!(
+        "aether: workspace {} is {}{reason}",
+        w.id,
+        output::state_name(w.state)
+    );
+    Ok(ExitCode::FAILURE)
+}

@@ -215,7 +215,8 @@ impl Store {
     }
 
     /// Deletes a project that has no workspaces.
-    pub fn delete_project(&self, id: &ProjectId) -> Result<()> {
+    pub fn delete_project(&self, project: &Project) -> Result<()> {
+        let id = &project.id;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let count: u32 = tx.query_row(
@@ -225,7 +226,8 @@ impl Store {
         )?;
         if count > 0 {
             return Err(Error::precondition(format!(
-                "project {id} still has {count} workspace(s); delete them first"
+                "project {} still has {count} workspace(s); delete them first",
+                project.name
             )));
         }
         if tx.execute("DELETE FROM projects WHERE id = ?1", [id.as_str()])? == 0 {
@@ -472,7 +474,7 @@ mod tests {
         assert!(matches!(err, Error::AlreadyExists(_)), "{err:?}");
         s.insert_workspace(&p, 1000, "u1", &Hardware::DEFAULT)
             .unwrap();
-        let err = s.delete_project(&p.id).unwrap_err();
+        let err = s.delete_project(&p).unwrap_err();
         assert!(err.to_string().contains("still has 1 workspace"), "{err}");
         let by_name = s
             .find_project(&ProjectRef::parse("app").unwrap(), None)

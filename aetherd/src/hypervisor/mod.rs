@@ -76,6 +76,9 @@ fn owned_domain(conn: &Connect, ws: &WorkspaceId) -> Result<Option<Domain>> {
 impl Hypervisor {
     /// Opens the connection. The test driver (`test://…`) always uses domain type `test`.
     pub async fn connect(uri: &str, timeout: Duration, accel: Accel) -> Result<Self> {
+        // libvirt's default handler prints every error (including the expected "domain not
+        // found" of a lookup) to stderr; errors reach us as return values instead.
+        virt::error::clear_error_callback();
         let owned_uri = uri.to_owned();
         let conn = run_blocking("virConnectOpen", timeout, move || {
             Connect::open(Some(&owned_uri)).map_err(Error::from)

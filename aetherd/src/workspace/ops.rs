@@ -134,7 +134,7 @@ impl Manager {
 
     pub fn delete_project(&self, caller: Caller, project: &str) -> Result<()> {
         let p = self.get_project(caller, project)?;
-        self.store.delete_project(&p.id)?;
+        self.store.delete_project(&p)?;
         tracing::info!(project = %p.id, name = %p.name, "project deleted");
         Ok(())
     }

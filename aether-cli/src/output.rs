@@ -1,0 +1,274 @@
+//! Rendering for people (aligned tables, key/value blocks) and for programs (`-o json`, with
+//! the proto's field names).
+
+use aether_proto::v1 as pb;
+use serde_json::{json, Value};
+
+pub fn state_name(v: i32) -> &'static str {
+    match pb::WorkspaceState::try_from(v) {
+        Ok(pb::WorkspaceState::Stopped) => "stopped",
+        Ok(pb::WorkspaceState::Starting) => "starting",
+        Ok(pb::WorkspaceState::Running) => "running",
+        Ok(pb::WorkspaceState::Stopping) => "stopping",
+        Ok(pb::WorkspaceState::Error) => "error",
+        Ok(pb::WorkspaceState::StopFailed) => "stop_failed",
+        Ok(pb::WorkspaceState::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+pub fn state_from_name(s: &str) -> Option<pb::WorkspaceState> {
+    Some(match s {
+        "stopped" => pb::WorkspaceState::Stopped,
+        "starting" => pb::WorkspaceState::Starting,
+        "running" => pb::WorkspaceState::Running,
+        "stopping" => pb::WorkspaceState::Stopping,
+        "error" => pb::WorkspaceState::Error,
+        "stop_failed" => pb::WorkspaceState::StopFailed,
+        _ => return None,
+    })
+}
+
+/// `2cpu/2048mb`, plus `/gpu:KIND` with a GPU.
+pub fn hardware_short(h: Option<&pb::Hardware>) -> String {
+    let Some(h) = h else { return "-".into() };
+    let mut s = format!("{}cpu/{}mb", h.cpus, h.memory_mb);
+    if !h.gpu_kind.is_empty() {
+        s.push_str("/gpu:");
+        s.push_str(&h.gpu_kind);
+    }
+    s
+}
+
+fn hardware_long(h: &pb::Hardware) -> String {
+    let gpu = if h.gpu_kind.is_empty() {
+        "none"
+    } else {
+        &h.gpu_kind
+    };
+    format!(
+        "{} cpu(s) ({}), {} MiB memory, {} GiB volume, gpu {gpu}",
+        h.cpus, h.cpu_kind, h.memory_mb, h.volume_size_gb
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// `YYYY-MM-DD` (UTC).
+pub fn date(unix: i64) -> String {
+    let (y, m, d) = civil_from_days(unix.div_euclid(86_400));
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn datetime(unix: i64) -> String {
+    let secs = unix.rem_euclid(86_400);
+    format!(
+        "{} {:02}:{:02}:{:02} UTC",
+        date(unix),
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+/// Left-aligned columns separated by two spaces; no trailing spaces.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|s| s.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn workspace_table(list: &[pb::Workspace]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|w| {
+            vec![
+                w.id.clone(),
+                w.project_name.clone(),
+                state_name(w.state).to_owned(),
+                hardware_short(w.hardware.as_ref()),
+                date(w.created_at),
+            ]
+        })
+        .collect();
+    table(&["ID", "PROJECT", "STATUS", "HARDWARE", "CREATED"], &rows)
+}
+
+pub fn project_table(list: &[pb::Project]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|p| {
+            vec![
+                p.id.clone(),
+                p.name.clone(),
+                p.workspace_count.to_string(),
+                date(p.created_at),
+            ]
+        })
+        .collect();
+    table(&["ID", "NAME", "WORKSPACES", "CREATED"], &rows)
+}
+
+pub fn workspace_details(w: &pb::Workspace) -> String {
+    let mut lines = vec![
+        ("id", w.id.clone()),
+        ("project", format!("{} ({})", w.project_name, w.project_id)),
+        ("state", state_name(w.state).to_owned()),
+    ];
+    if !w.reason.is_empty() {
+        lines.push(("reason", w.reason.clone()));
+    }
+    if let Some(h) = &w.hardware {
+        lines.push(("hardware", hardware_long(h)));
+    }
+    if let Some(p) = &w.pending_hardware {
+        lines.push((
+            "pending",
+            format!("{} (applied at next start)", hardware_long(p)),
+        ));
+    }
+    let ips = if w.ip_addresses.is_empty() {
+        "-".to_owned()
+    } else {
+        w.ip_addresses.join(", ")
+    };
+    lines.push(("ip addresses", ips));
+    lines.push(("created", datetime(w.created_at)));
+    lines.push(("domain", w.domain_name.clone()));
+    key_values(&lines)
+}
+
+pub fn project_details(p: &pb::Project) -> String {
+    key_values(&[
+        ("id", p.id.clone()),
+        ("name", p.name.clone()),
+        ("workspaces", p.workspace_count.to_string()),
+        ("owner uid", p.owner_uid.to_string()),
+        ("created", datetime(p.created_at)),
+    ])
+}
+
+pub fn host_details(h: &pb::HostInfo) -> String {
+    key_values(&[
+        ("aetherd", h.version.clone()),
+        ("libvirt uri", h.libvirt_uri.clone()),
+        ("libvirt", h.libvirt_version.clone()),
+        ("hypervisor", h.hypervisor.clone()),
+        ("accelerator", h.accelerator.clone()),
+        ("max volume", format!("{} GiB", h.max_volume_size_gb)),
+    ])
+}
+
+fn key_values(lines: &[(&str, String)]) -> String {
+    let w = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    lines
+        .iter()
+        .map(|(k, v)| format!("{:<w$} {v}\n", format!("{k}:")))
+        .collect()
+}
+
+// ---- JSON, with the proto's field names ----
+
+fn hardware_json(h: &pb::Hardware) -> Value {
+    json!({
+        "cpu_kind": h.cpu_kind,
+        "cpus": h.cpus,
+        "memory_mb": h.memory_mb,
+        "volume_size_gb": h.volume_size_gb,
+        "gpu_kind": h.gpu_kind,
+    })
+}
+
+pub fn workspace_json(w: &pb::Workspace) -> Value {
+    json!({
+        "id": w.id,
+        "project_id": w.project_id,
+        "project_name": w.project_name,
+        "state": state_name(w.state),
+        "hardware": w.hardware.as_ref().map(hardware_json),
+        "pending_hardware": w.pending_hardware.as_ref().map(hardware_json),
+        "ip_addresses": w.ip_addresses,
+        "created_at": w.created_at,
+        "reason": w.reason,
+        "generation": w.generation,
+        "domain_name": w.domain_name,
+        "owner_uid": w.owner_uid,
+    })
+}
+
+pub fn project_json(p: &pb::Project) -> Value {
+    json!({
+        "id": p.id,
+        "name": p.name,
+        "owner_uid": p.owner_uid,
+        "created_at": p.created_at,
+        "workspace_count": p.workspace_count,
+    })
+}
+
+pub fn host_json(h: &pb::HostInfo) -> Value {
+    json!({
+        "version": h.version,
+        "libvirt_uri": h.libvirt_uri,
+        "libvirt_version": h.libvirt_version,
+        "hypervisor": h.hypervisor,
+        "accelerator": h.accelerator,
+        "max_volume_size_gb": h.max_volume_size_gb,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(date(0), "1970-01-01");
+        assert_eq!(date(1_773_532_800), "2026-03-15");
+        assert_eq!(date(951_782_400), "2000-02-29");
+        assert_eq!(datetime(1_773_532_800 + 3661), "2026-03-15 01:01:01 UTC");
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["ID", "NAME"],
+            &[
+                vec!["a".into(), "x".into()],
+                vec!["longer".into(), "y".into()],
+            ],
+        );
+        assert_eq!(t, "ID      NAME\na       x\nlonger  y\n");
+    }
+}
