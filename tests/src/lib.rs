@@ -1,1 +1,266 @@
+//! Test harness: runs the real `aetherd` and `aether` binaries.
+//!
+//! Each [`TestEnv`] owns a temporary directory with its own socket, state dir, CLI config dir
+//! and libvirt test-driver host file (`test:///<dir>/host.xml`), so tests never share state.
+//! The binaries are taken from the same target directory as the test executable; build them
+//! first (`cargo build --workspace`, which the README's test command does).
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A minimal host for libvirt's test driver: 2 CPUs, 8 GiB.
+pub const TEST_HOST_XML: &str = r#"<node>
+  <cpu>
+    <mhz>2000</mhz>
+    <model>x86_64</model>
+    <active>2</active>
+    <nodes>1</nodes>
+    <sockets>1</sockets>
+    <cores>2</cores>
+    <threads>1</threads>
+  </cpu>
+  <memory>8388608</memory>
+</node>
+"#;
+
+/// Directory holding the built `aetherd` and `aether` (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps")
+        .to_owned();
+    for bin in ["aetherd", "aether"] {
+        assert!(
+            dir.join(bin).exists(),
+            "{} is missing: build the binaries first with `cargo build --workspace`",
+            dir.join(bin).display()
+        );
+    }
+    dir
+}
+
+/// Result of one CLI run.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub config: PathBuf,
+    pub libvirt_uri: String,
+    daemon: Option<Child>,
+}
+
+impl TestEnv {
+    /// Starts aetherd against a private test-driver host with `config_toml` as its config.
+    pub fn start_with_config(config_toml: &str) -> TestEnv {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = dir.path().join("host.xml");
+        std::fs::write(&host, TEST_HOST_XML).unwrap();
+        let config = dir.path().join("aetherd.toml");
+        std::fs::write(&config, config_toml).unwrap();
+        let mut env = TestEnv {
+            socket: dir.path().join("aetherd.sock"),
+            state_dir: dir.path().join("state"),
+            config,
+            libvirt_uri: format!("test://{}", host.display()),
+            dir,
+            daemon: None,
+        };
+        env.start_daemon();
+        env
+    }
+
+    pub fn start() -> TestEnv {
+        Self::start_with_config("max_volume_size_gb = 64\nstop_timeout_secs = 5\n")
+    }
+
+    /// The `aetherd` command for this environment, not yet started.
+    pub fn daemon_command(&self) -> Command {
+        let mut cmd = Command::new(bin_dir().join("aetherd"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--libvirt-uri")
+            .arg(&self.libvirt_uri)
+            .env("AETHERD_LOG", "info");
+        cmd
+    }
+
+    pub fn start_daemon(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("aetherd.log"))
+            .unwrap();
+        let mut child = self
+            .daemon_command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn aetherd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                break;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "aetherd exited with {status} before serving:\n{}",
+                    self.daemon_log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "aetherd did not serve within 20 s:\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.daemon = Some(child);
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it to exit.
+    pub fn stop_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            // SIGTERM through kill(1), given an argument list (no shell).
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the daemon with SIGKILL (no clean-up: the socket file stays behind).
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn restart_daemon(&mut self) {
+        self.stop_daemon();
+        self.start_daemon();
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("aetherd.log")).unwrap_or_default()
+    }
+
+    /// The `aether` command for this environment.
+    pub fn cli(&self) -> Command {
+        let mut cmd = Command::new(bin_dir().join("aether"));
+        cmd.env("AETHER_SOCKET", &self.socket)
+            .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
+            .env("HOME", self.dir.path())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        self.cli().args(args).output().expect("run aether").into()
+    }
+
+    /// Runs the CLI, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert_eq!(
+            r.code,
+            0,
+            "aether {args:?} failed: {r:?}\ndaemon log:\n{}",
+            self.daemon_log()
+        );
+        r.stdout
+    }
+
+    /// Runs the CLI, asserts failure with exit code 1 and one line on stderr; returns it.
+    pub fn fail(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert_eq!(r.code, 1, "aether {args:?} should fail with 1: {r:?}");
+        assert_eq!(r.stdout, "", "aether {args:?} printed on stdout: {r:?}");
+        assert_eq!(
+            r.stderr.lines().count(),
+            1,
+            "one error line expected: {r:?}"
+        );
+        r.stderr.trim_end().to_owned()
+    }
+
+    /// Runs the CLI with `-o json`, asserts success, parses stdout.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        let out = self.ok(&all);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("aether {args:?}: bad JSON {e}: {out}"))
+    }
+
+    pub fn state_of(&self, id: &str) -> String {
+        self.json(&["workspace", "get", id])["state"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Waits (bounded) until the workspace is in `state`.
+    pub fn wait_for_state(&self, id: &str, state: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.state_of(id);
+            if now == state {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} is {now}, not {state}, after {timeout:?}\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -40,7 +40,7 @@ fn in_group(uid: u32, primary_gid: u32) -> bool {
         return true;
     }
     match User::from_uid(Uid::from_raw(uid)) {
-        Ok(Some(user)) => group.mem.iter().any(|m| *m == user.name),
+        Ok(Some(user)) => group.mem.contains(&user.name),
         _ => false,
     }
 }
