@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod hypervisor;
 pub mod model;
+pub mod notify;
 pub mod server;
 pub mod store;
 pub mod workspace;

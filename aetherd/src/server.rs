@@ -38,6 +38,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     manager.reconcile().await.context("reconcile failed")?;
 
     tracing::info!(socket = %socket.display(), "serving");
+    crate::notify::ready();
     let result = tonic::transport::Server::builder()
         .add_service(AetherServer::new(Service::new(Arc::clone(&manager))))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs every check and test of aether. This is the README's test command, and what CI runs.
+#
+#   sudo scripts/test.sh        # as root: installs the Debian/Ubuntu packages it needs first
+#
+# Steps: system packages (apt-get) -> cargo fmt --check -> cargo clippy -D warnings ->
+# cargo build --workspace -> cargo test --workspace (unit + integration tests against
+# libvirt's in-process test driver).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n=== %s\n' "$*"; }
+
+# Packages needed to build (the virt crate links libvirt) and to run the integration tests
+# (libvirt's test driver is part of libvirt0, which libvirt-dev pulls in).
+BUILD_PACKAGES=(libvirt-dev pkg-config gcc)
+
+missing=()
+for p in "${BUILD_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: ${missing[*]}; run as root (sudo $0) or install them" >&2
+    exit 1
+  fi
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: aether needs a Rust toolchain >= 1.88 (rustup)" >&2
+  exit 1
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "cargo build --workspace"
+cargo build --workspace --locked
+
+log "cargo test --workspace"
+cargo test --workspace --locked
