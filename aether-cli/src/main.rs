@@ -4,6 +4,7 @@
 //! stderr); 2 the command line was invalid.
 
 mod client;
+mod identity;
 mod output;
 
 use std::io::Write;
@@ -96,6 +97,9 @@ enum WorkspaceCmd {
         /// Project id or name [default: the current project].
         #[arg(long)]
         project: Option<String>,
+        /// Image to boot (see `aether image list`) [default: the daemon's default_image].
+        #[arg(long)]
+        image: Option<String>,
         #[command(flatten)]
         hardware: HardwareArgs,
     },
@@ -230,10 +234,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 // ---- current project ----
 
-fn current_project_file() -> anyhow::Result<PathBuf> {
+/// aether's per-user config dir (`~/.config/aether`): current project, SSH key, known hosts.
+fn config_dir() -> anyhow::Result<PathBuf> {
     let dirs = directories::ProjectDirs::from("", "", "aether")
-        .ok_or_else(|| anyhow!("cannot find your home directory to keep the current project"))?;
-    Ok(dirs.config_dir().join("current-project"))
+        .ok_or_else(|| anyhow!("cannot find your home directory for aether's config dir"))?;
+    Ok(dirs.config_dir().to_owned())
+}
+
+fn current_project_file() -> anyhow::Result<PathBuf> {
+    Ok(config_dir()?.join("current-project"))
 }
 
 fn read_current_project() -> anyhow::Result<Option<String>> {
@@ -359,7 +368,11 @@ fn show_workspace(format: Format, w: &pb::Workspace) -> anyhow::Result<()> {
 
 async fn workspace(c: &mut Client, format: Format, cmd: WorkspaceCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        WorkspaceCmd::Create { project, hardware } => {
+        WorkspaceCmd::Create {
+            project,
+            image,
+            hardware,
+        } => {
             let project = match project {
                 Some(p) => p,
                 None => read_current_project()?.ok_or_else(|| {
@@ -374,6 +387,9 @@ async fn workspace(c: &mut Client, format: Format, cmd: WorkspaceCmd) -> anyhow:
                     memory_mb: hardware.memory,
                     volume_size_gb: hardware.volume_size,
                     gpu_kind: hardware.gpu_kind,
+                    image: image.unwrap_or_default(),
+                    login_user: identity::login_user(),
+                    ssh_authorized_keys: vec![identity::find_or_create(&config_dir()?)?.public_key],
                 })
                 .await?
                 .into_inner();

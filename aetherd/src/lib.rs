@@ -12,4 +12,5 @@ pub mod model;
 pub mod notify;
 pub mod server;
 pub mod store;
+pub mod tunnel;
 pub mod workspace;

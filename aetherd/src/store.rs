@@ -42,6 +42,22 @@ const MIGRATIONS: &[&str] = &[
         updated_at       INTEGER NOT NULL
     );
     CREATE INDEX workspaces_project ON workspaces(project_id);",
+    // 2: images, and what a real guest needs: image, login user, host key, MAC and IP.
+    "CREATE TABLE images (
+        name         TEXT PRIMARY KEY,
+        boot_mode    TEXT NOT NULL CHECK (boot_mode IN ('bios','uefi','kernel')),
+        cmdline      TEXT NOT NULL DEFAULT '',
+        virtual_size INTEGER NOT NULL,
+        disk_size    INTEGER NOT NULL,
+        created_at   INTEGER NOT NULL
+    );
+    ALTER TABLE workspaces ADD COLUMN image TEXT REFERENCES images(name);
+    ALTER TABLE workspaces ADD COLUMN login_user TEXT NOT NULL DEFAULT '';
+    ALTER TABLE workspaces ADD COLUMN ssh_host_public_key TEXT NOT NULL DEFAULT '';
+    ALTER TABLE workspaces ADD COLUMN mac TEXT;
+    ALTER TABLE workspaces ADD COLUMN ip TEXT;
+    CREATE UNIQUE INDEX workspaces_mac ON workspaces(mac);
+    CREATE UNIQUE INDEX workspaces_ip ON workspaces(ip);",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +82,12 @@ pub struct Workspace {
     pub hardware: Hardware,
     pub pending_hardware: Option<Hardware>,
     pub created_at: i64,
+    /// Image the root volume is backed by; `None` for workspaces made before images existed.
+    pub image: Option<String>,
+    pub login_user: String,
+    pub ssh_host_public_key: String,
+    pub mac: Option<String>,
+    pub ip: Option<std::net::Ipv4Addr>,
 }
 
 /// Which rows a caller may see: `None` for root/admins, `Some(uid)` for a plain user.
@@ -94,7 +116,8 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
 }
 
 const WORKSPACE_COLUMNS: &str = "w.id, w.project_id, p.name, w.owner_uid, w.uuid, w.state, \
-     w.generation, w.reason, w.hardware, w.pending_hardware, w.created_at";
+     w.generation, w.reason, w.hardware, w.pending_hardware, w.created_at, w.image, w.login_user, \
+     w.ssh_host_public_key, w.mac, w.ip";
 
 fn workspace_from_row(r: &Row<'_>) -> rusqlite::Result<Workspace> {
     let hw = |s: String| serde_json::from_str::<Hardware>(&s).map_err(|e| corrupt("hardware", e));
@@ -112,6 +135,14 @@ fn workspace_from_row(r: &Row<'_>) -> rusqlite::Result<Workspace> {
         hardware: hw(r.get(8)?)?,
         pending_hardware: r.get::<_, Option<String>>(9)?.map(hw).transpose()?,
         created_at: r.get(10)?,
+        image: r.get(11)?,
+        login_user: r.get(12)?,
+        ssh_host_public_key: r.get(13)?,
+        mac: r.get(14)?,
+        ip: r
+            .get::<_, Option<String>>(15)?
+            .map(|s| s.parse().map_err(|e| corrupt("ip", e)))
+            .transpose()?,
     })
 }
 
@@ -269,6 +300,11 @@ impl Store {
                         hardware: hardware.clone(),
                         pending_hardware: None,
                         created_at,
+                        image: None,
+                        login_user: String::new(),
+                        ssh_host_public_key: String::new(),
+                        mac: None,
+                        ip: None,
                     })
                 }
                 Err(rusqlite::Error::SqliteFailure(e, _))

@@ -100,15 +100,20 @@ fn workspace_to_pb(w: Workspace) -> pb::Workspace {
         state: state_to_pb(w.state) as i32,
         hardware: Some(hardware_to_pb(&w.hardware)),
         pending_hardware: w.pending_hardware.as_ref().map(hardware_to_pb),
-        ip_addresses: Vec::new(),
+        ip_addresses: w.ip.iter().map(|ip| ip.to_string()).collect(),
         created_at: w.created_at,
         reason: w.reason,
         generation: w.generation,
         owner_uid: w.owner_uid,
+        image: w.image.unwrap_or_default(),
+        login_user: w.login_user,
+        ssh_host_public_key: w.ssh_host_public_key,
     }
 }
 
 type Reply<T> = Result<Response<T>, Status>;
+
+type ByteStream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Aether for Service {
@@ -267,5 +272,47 @@ impl Aether for Service {
             .await
             .map_err(status)?;
         Ok(Response::new(workspace_to_pb(ws)))
+    }
+
+    async fn get_console_log(
+        &self,
+        req: Request<pb::GetConsoleLogRequest>,
+    ) -> Reply<pb::ConsoleLog> {
+        auth::caller(&req)?;
+        Err(Status::unimplemented("console logs: in progress"))
+    }
+
+    type TunnelStream = ByteStream<pb::TunnelResponse>;
+
+    async fn tunnel(
+        &self,
+        req: Request<tonic::Streaming<pb::TunnelRequest>>,
+    ) -> Reply<Self::TunnelStream> {
+        auth::caller(&req)?;
+        Err(Status::unimplemented("tunnel: in progress"))
+    }
+
+    async fn import_image(
+        &self,
+        req: Request<tonic::Streaming<pb::ImportImageRequest>>,
+    ) -> Reply<pb::Image> {
+        auth::caller(&req)?;
+        Err(Status::unimplemented("images: in progress"))
+    }
+
+    async fn list_images(
+        &self,
+        req: Request<pb::ListImagesRequest>,
+    ) -> Reply<pb::ListImagesResponse> {
+        auth::caller(&req)?;
+        Err(Status::unimplemented("images: in progress"))
+    }
+
+    async fn delete_image(
+        &self,
+        req: Request<pb::DeleteImageRequest>,
+    ) -> Reply<pb::DeleteImageResponse> {
+        auth::caller(&req)?;
+        Err(Status::unimplemented("images: in progress"))
     }
 }

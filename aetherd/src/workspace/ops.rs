@@ -20,6 +20,7 @@ use crate::model::{
     Hardware, HardwareLimits, HardwareRequest, ProjectName, ProjectRef, WorkspaceId,
 };
 use crate::store::{Owner, Project, Store, Workspace, WorkspaceFilter};
+use crate::tunnel::Connections;
 use crate::workspace::state::{self, Event, State};
 
 /// Who is asking, from the socket peer's credentials.
@@ -56,6 +57,8 @@ pub struct Manager {
     config: Config,
     /// One lock per workspace, held by whatever is doing libvirt work on it.
     locks: Mutex<HashMap<WorkspaceId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Open tunnels per workspace.
+    pub connections: Connections,
 }
 
 impl Manager {
@@ -65,6 +68,7 @@ impl Manager {
             hv,
             config,
             locks: Mutex::new(HashMap::new()),
+            connections: Connections::default(),
         })
     }
 
@@ -181,6 +185,27 @@ impl Manager {
     pub fn get_workspace(&self, caller: Caller, id: &str) -> Result<Workspace> {
         self.store
             .get_workspace(&WorkspaceId::parse(id)?, caller.owner())
+    }
+
+    /// Where a tunnel to `port` of workspace `id` connects: the guest's address, while the
+    /// workspace is running.
+    pub fn tunnel_target(
+        &self,
+        caller: Caller,
+        id: &str,
+        port: u16,
+    ) -> Result<(WorkspaceId, std::net::SocketAddr)> {
+        let ws = self.get_workspace(caller, id)?;
+        if ws.state != State::Running {
+            return Err(Error::precondition(format!(
+                "workspace is {}: start it first",
+                ws.state
+            )));
+        }
+        let ip = ws
+            .ip
+            .ok_or_else(|| Error::precondition(format!("workspace {} has no IP address", ws.id)))?;
+        Ok((ws.id, std::net::SocketAddr::from((ip, port))))
     }
 
     /// Moves the workspace to `starting` and boots it in the background.
