@@ -13,7 +13,7 @@ log() { printf '\n=== %s\n' "$*"; }
 
 # Packages needed to build (the virt crate links libvirt) and to run the integration tests
 # (libvirt's test driver is part of libvirt0, which libvirt-dev pulls in).
-BUILD_PACKAGES=(libvirt-dev pkg-config gcc)
+BUILD_PACKAGES=(libvirt-dev pkg-config gcc qemu-utils openssh-client)
 
 missing=()
 for p in "${BUILD_PACKAGES[@]}"; do

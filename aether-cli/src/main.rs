@@ -5,10 +5,12 @@
 
 mod client;
 mod identity;
+mod image;
 mod output;
+mod ssh;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -57,9 +59,40 @@ enum Command {
     /// Workspaces are virtual machines with a persistent volume.
     #[command(subcommand, visible_alias = "ws")]
     Workspace(WorkspaceCmd),
+    /// Guest images that workspaces boot from.
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// The host aetherd runs on.
     #[command(subcommand)]
     Host(HostCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCmd {
+    /// Import a qcow2 or raw disk image (raw is converted to qcow2) from a file or an
+    /// http(s) URL.
+    Import {
+        /// 1-63 lowercase letters, digits, '.', '_' and '-'.
+        name: String,
+        /// File path or http(s) URL of the disk image.
+        source: String,
+        /// Kernel for direct kernel boot (with --initrd).
+        #[arg(long, value_name = "FILE")]
+        kernel: Option<PathBuf>,
+        /// Initrd for direct kernel boot.
+        #[arg(long, value_name = "FILE")]
+        initrd: Option<PathBuf>,
+        /// Kernel command line for direct kernel boot.
+        #[arg(long, value_name = "ARGS")]
+        cmdline: Option<String>,
+        /// Firmware for disk boot: bios or uefi [default: bios; ignored with --kernel].
+        #[arg(long, value_name = "MODE")]
+        boot: Option<String>,
+    },
+    /// List images: NAME FORMAT SIZE BOOT IN-USE CREATED.
+    List,
+    /// Delete an image (refused while a workspace uses it).
+    Delete { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -138,11 +171,37 @@ enum WorkspaceCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Show the workspace's serial console log (kept on disk across boots).
+    Logs {
+        id: String,
+        /// The serial console (the only log so far; required for forward compatibility).
+        #[arg(long)]
+        console: bool,
+        /// At most this many bytes from the end.
+        #[arg(long, default_value_t = 65536)]
+        bytes: u32,
+    },
     /// Change hardware: at once when stopped, at the next start when running.
     Update {
         id: String,
         #[command(flatten)]
         hardware: HardwareArgs,
+    },
+    /// Open an SSH session in a running workspace (runs the system `ssh` through the daemon,
+    /// with the workspace's host key pinned).
+    Ssh {
+        id: String,
+        /// Command to run instead of a login shell.
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Bridge stdin and stdout to a TCP port of a running workspace through the daemon
+    /// (ssh's ProxyCommand).
+    Proxy {
+        id: String,
+        /// Guest TCP port.
+        #[arg(long, default_value_t = 22, value_parser = clap::value_parser!(u16).range(1..))]
+        port: u16,
     },
 }
 
@@ -215,7 +274,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Project(cmd) => project(&cli.socket, format, cmd).await,
         Command::Workspace(cmd) => {
             let mut c = client::connect(&cli.socket).await?;
-            workspace(&mut c, format, cmd).await
+            workspace(&mut c, &cli.socket, format, cmd).await
+        }
+        Command::Image(cmd) => {
+            let mut c = client::connect(&cli.socket).await?;
+            image_cmd(&mut c, format, cmd).await
         }
         Command::Host(HostCmd::Info) => {
             let mut c = client::connect(&cli.socket).await?;
@@ -352,6 +415,61 @@ async fn project(
     Ok(ExitCode::SUCCESS)
 }
 
+async fn image_cmd(c: &mut Client, format: Format, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ImageCmd::Import {
+            name,
+            source,
+            kernel,
+            initrd,
+            cmdline,
+            boot,
+        } => {
+            let boot_mode = match boot.as_deref() {
+                None => pb::BootMode::Unspecified,
+                Some("bios") => pb::BootMode::Bios,
+                Some("uefi") => pb::BootMode::Uefi,
+                Some(other) => bail!("invalid boot mode {other:?}: expected bios or uefi"),
+            };
+            let img = image::import(
+                c,
+                image::ImportArgs {
+                    name,
+                    source,
+                    kernel,
+                    initrd,
+                    cmdline,
+                    boot_mode,
+                },
+            )
+            .await?;
+            match format {
+                Format::Json => emit_json(&output::image_json(&img))?,
+                Format::Table => emit(&output::image_table(std::slice::from_ref(&img)))?,
+            }
+        }
+        ImageCmd::List => {
+            let list = c
+                .list_images(pb::ListImagesRequest {})
+                .await?
+                .into_inner()
+                .images;
+            match format {
+                Format::Json => emit_json(&list.iter().map(output::image_json).collect())?,
+                Format::Table => emit(&output::image_table(&list))?,
+            }
+        }
+        ImageCmd::Delete { name } => {
+            c.delete_image(pb::DeleteImageRequest { name: name.clone() })
+                .await?;
+            if format == Format::Json {
+                emit_json(&serde_json::json!({ "name": name, "deleted": true }))?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn show_project(format: Format, p: &pb::Project) -> anyhow::Result<()> {
     match format {
         Format::Json => emit_json(&output::project_json(p)),
@@ -366,7 +484,12 @@ fn show_workspace(format: Format, w: &pb::Workspace) -> anyhow::Result<()> {
     }
 }
 
-async fn workspace(c: &mut Client, format: Format, cmd: WorkspaceCmd) -> anyhow::Result<ExitCode> {
+async fn workspace(
+    c: &mut Client,
+    socket: &Path,
+    format: Format,
+    cmd: WorkspaceCmd,
+) -> anyhow::Result<ExitCode> {
     match cmd {
         WorkspaceCmd::Create {
             project,
@@ -459,6 +582,24 @@ async fn workspace(c: &mut Client, format: Format, cmd: WorkspaceCmd) -> anyhow:
                 emit_json(&serde_json::json!({ "id": id, "deleted": true }))?;
             }
         }
+        WorkspaceCmd::Logs { id, console, bytes } => {
+            if !console {
+                bail!("say which log: --console");
+            }
+            let log = c
+                .get_console_log(pb::GetConsoleLogRequest {
+                    id,
+                    max_bytes: bytes,
+                })
+                .await?
+                .into_inner();
+            match format {
+                Format::Json => {
+                    emit_json(&serde_json::json!({ "data": String::from_utf8_lossy(&log.data) }))?
+                }
+                Format::Table => emit(&String::from_utf8_lossy(&log.data))?,
+            }
+        }
         WorkspaceCmd::Update { id, hardware } => {
             let w = c
                 .update_workspace(pb::UpdateWorkspaceRequest {
@@ -473,6 +614,10 @@ async fn workspace(c: &mut Client, format: Format, cmd: WorkspaceCmd) -> anyhow:
                 .into_inner();
             show_workspace(format, &w)?;
         }
+        WorkspaceCmd::Ssh { id, command } => {
+            ssh::ssh(c, socket, &config_dir()?, id, &command).await?;
+        }
+        WorkspaceCmd::Proxy { id, port } => ssh::proxy(c, id, port).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -164,6 +164,12 @@ pub fn workspace_details(w: &pb::Workspace) -> String {
         w.ip_addresses.join(", ")
     };
     lines.push(("ip addresses", ips));
+    if !w.image.is_empty() {
+        lines.push(("image", w.image.clone()));
+    }
+    if !w.login_user.is_empty() {
+        lines.push(("login user", w.login_user.clone()));
+    }
     lines.push(("created", datetime(w.created_at)));
     lines.push(("domain", w.domain_name.clone()));
     key_values(&lines)
@@ -198,6 +204,57 @@ fn key_values(lines: &[(&str, String)]) -> String {
         .collect()
 }
 
+fn boot_mode_name(v: i32) -> &'static str {
+    match pb::BootMode::try_from(v) {
+        Ok(pb::BootMode::Bios) => "bios",
+        Ok(pb::BootMode::Uefi) => "uefi",
+        Ok(pb::BootMode::Kernel) => "kernel",
+        Ok(pb::BootMode::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+/// Bytes as a short human size (GiB with one decimal, or MiB).
+pub fn size(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1}GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{}MiB", bytes.div_ceil(1 << 20))
+    }
+}
+
+pub fn image_table(list: &[pb::Image]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                i.format.clone(),
+                size(i.virtual_size_bytes),
+                boot_mode_name(i.boot_mode).to_owned(),
+                i.in_use.to_string(),
+                date(i.created_at),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "FORMAT", "SIZE", "BOOT", "IN-USE", "CREATED"],
+        &rows,
+    )
+}
+
+pub fn image_json(i: &pb::Image) -> Value {
+    json!({
+        "name": i.name,
+        "format": i.format,
+        "virtual_size_bytes": i.virtual_size_bytes,
+        "disk_size_bytes": i.disk_size_bytes,
+        "boot_mode": boot_mode_name(i.boot_mode),
+        "cmdline": i.cmdline,
+        "in_use": i.in_use,
+        "created_at": i.created_at,
+    })
+}
+
 // ---- JSON, with the proto's field names ----
 
 fn hardware_json(h: &pb::Hardware) -> Value {
@@ -224,6 +281,9 @@ pub fn workspace_json(w: &pb::Workspace) -> Value {
         "generation": w.generation,
         "domain_name": w.domain_name,
         "owner_uid": w.owner_uid,
+        "image": w.image,
+        "login_user": w.login_user,
+        "ssh_host_public_key": w.ssh_host_public_key,
     })
 }
 

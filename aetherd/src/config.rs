@@ -35,6 +35,15 @@ pub struct Config {
     /// Seconds any single libvirt call may take.
     pub libvirt_timeout_secs: u64,
     pub accel: Accel,
+    /// Image used by `workspace create` without `--image`; empty: `--image` is required.
+    pub default_image: String,
+    /// IPv4 subnet of the `aether` NAT network, e.g. "192.168.150.0/24" (a /24). Unset: the
+    /// first of a few candidates that overlaps no route of the host. Only used when the
+    /// daemon creates the network.
+    pub network_cidr: Option<String>,
+    /// Seconds from boot until the guest must answer SSH, else the workspace goes to `error`.
+    /// Unset: 120 with KVM, 300 with TCG (software emulation is much slower).
+    pub boot_timeout_secs: Option<u64>,
 }
 
 impl Default for Config {
@@ -47,6 +56,9 @@ impl Default for Config {
             stop_timeout_secs: 60,
             libvirt_timeout_secs: 30,
             accel: Accel::Auto,
+            default_image: String::new(),
+            network_cidr: None,
+            boot_timeout_secs: None,
         }
     }
 }

@@ -5,10 +5,13 @@
 //! [`store`] (SQLite) and [`hypervisor`] (libvirt through the `virt` crate).
 
 pub mod api;
+pub mod cloudinit;
 pub mod config;
 pub mod error;
 pub mod hypervisor;
+pub mod images;
 pub mod model;
+pub mod network;
 pub mod notify;
 pub mod server;
 pub mod store;

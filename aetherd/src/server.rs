@@ -34,7 +34,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("cannot connect to libvirt at {}", config.libvirt_uri))?;
     let socket = config.socket.clone();
-    let manager = Manager::new(store, hv, config);
+    let manager = Manager::new(store, hv, config)
+        .await
+        .context("cannot prepare storage pool, network or keys")?;
     manager.reconcile().await.context("reconcile failed")?;
 
     tracing::info!(socket = %socket.display(), "serving");

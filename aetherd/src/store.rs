@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use crate::error::{Error, Result};
+use crate::images::{BootMode, Image, ImageName};
 use crate::model::{Hardware, ProjectId, ProjectName, ProjectRef, WorkspaceId};
 use crate::workspace::state::State;
 
@@ -87,6 +88,20 @@ pub struct Workspace {
     pub login_user: String,
     pub ssh_host_public_key: String,
     pub mac: Option<String>,
+    pub ip: Option<std::net::Ipv4Addr>,
+}
+
+/// What a new workspace row is made of.
+pub struct NewWorkspace<'a> {
+    pub id: WorkspaceId,
+    pub project: &'a Project,
+    pub owner_uid: u32,
+    pub uuid: &'a str,
+    pub hardware: &'a Hardware,
+    pub image: Option<&'a str>,
+    pub login_user: &'a str,
+    pub ssh_host_public_key: &'a str,
+    pub mac: Option<&'a str>,
     pub ip: Option<std::net::Ipv4Addr>,
 }
 
@@ -268,23 +283,37 @@ impl Store {
         Ok(())
     }
 
-    /// Inserts a new workspace in state `stopped`.
-    pub fn insert_workspace(
-        &self,
-        project: &Project,
-        owner_uid: u32,
-        uuid: &str,
-        hardware: &Hardware,
-    ) -> Result<Workspace> {
+    /// Inserts a new workspace in state `stopped`. `id` is the id to use; on a collision a
+    /// fresh one is generated (the id is random, a collision is rare but possible).
+    pub fn insert_workspace(&self, new: &NewWorkspace<'_>) -> Result<Workspace> {
         let conn = self.conn();
-        // An id collision is astronomically rare but possible; try a few fresh ids.
+        let NewWorkspace {
+            project,
+            owner_uid,
+            uuid,
+            hardware,
+            ..
+        } = *new;
+        let mut id = new.id.clone();
         for _ in 0..5 {
-            let id = WorkspaceId::generate();
             let created_at = now();
             let res = conn.execute(
-                "INSERT INTO workspaces (id, project_id, owner_uid, uuid, state, hardware, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, 'stopped', ?5, ?6, ?6)",
-                params![id.as_str(), project.id.as_str(), owner_uid, uuid, hardware_json(hardware), created_at],
+                "INSERT INTO workspaces (id, project_id, owner_uid, uuid, state, hardware, created_at,
+                     updated_at, image, login_user, ssh_host_public_key, mac, ip)
+                 VALUES (?1, ?2, ?3, ?4, 'stopped', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    id.as_str(),
+                    project.id.as_str(),
+                    owner_uid,
+                    uuid,
+                    hardware_json(hardware),
+                    created_at,
+                    new.image,
+                    new.login_user,
+                    new.ssh_host_public_key,
+                    new.mac,
+                    new.ip.map(|ip| ip.to_string())
+                ],
             );
             match res {
                 Ok(_) => {
@@ -300,17 +329,25 @@ impl Store {
                         hardware: hardware.clone(),
                         pending_hardware: None,
                         created_at,
-                        image: None,
-                        login_user: String::new(),
-                        ssh_host_public_key: String::new(),
-                        mac: None,
-                        ip: None,
+                        image: new.image.map(str::to_owned),
+                        login_user: new.login_user.to_owned(),
+                        ssh_host_public_key: new.ssh_host_public_key.to_owned(),
+                        mac: new.mac.map(str::to_owned),
+                        ip: new.ip,
                     })
                 }
-                Err(rusqlite::Error::SqliteFailure(e, _))
+                Err(rusqlite::Error::SqliteFailure(e, msg))
                     if e.code == rusqlite::ErrorCode::ConstraintViolation =>
                 {
-                    continue
+                    // Only an id collision is retried; a taken MAC/IP is the caller's to handle.
+                    if msg.as_deref().is_some_and(|m| m.contains("workspaces.id")) {
+                        id = WorkspaceId::generate();
+                        continue;
+                    }
+                    return Err(Error::Conflict {
+                        id: id.to_string(),
+                        now: State::Stopped,
+                    });
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -438,6 +475,102 @@ impl Store {
     }
 }
 
+const IMAGE_QUERY: &str = "SELECT i.name, i.boot_mode, i.cmdline, i.virtual_size, i.disk_size, \
+     i.created_at, (SELECT COUNT(*) FROM workspaces w WHERE w.image = i.name) FROM images i";
+
+fn image_from_row(r: &Row<'_>) -> rusqlite::Result<Image> {
+    Ok(Image {
+        name: ImageName::parse(&r.get::<_, String>(0)?).map_err(|e| corrupt("image name", e))?,
+        boot_mode: BootMode::parse(&r.get::<_, String>(1)?).map_err(|e| corrupt("boot mode", e))?,
+        cmdline: r.get(2)?,
+        virtual_size: r.get::<_, i64>(3)? as u64,
+        disk_size: r.get::<_, i64>(4)? as u64,
+        created_at: r.get(5)?,
+        in_use: r.get(6)?,
+    })
+}
+
+impl Store {
+    pub fn insert_image(&self, image: &Image) -> Result<()> {
+        let res = self.conn().execute(
+            "INSERT INTO images (name, boot_mode, cmdline, virtual_size, disk_size, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                image.name.as_str(),
+                image.boot_mode.as_str(),
+                image.cmdline,
+                image.virtual_size as i64,
+                image.disk_size as i64,
+                image.created_at
+            ],
+        );
+        match res {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(Error::AlreadyExists(format!(
+                    "image {} already exists",
+                    image.name
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn get_image(&self, name: &ImageName) -> Result<Image> {
+        self.conn()
+            .query_row(
+                &format!("{IMAGE_QUERY} WHERE i.name = ?1"),
+                [name.as_str()],
+                image_from_row,
+            )
+            .optional()?
+            .ok_or_else(|| Error::not_found("image", name.as_str()))
+    }
+
+    pub fn list_images(&self) -> Result<Vec<Image>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("{IMAGE_QUERY} ORDER BY i.name"))?;
+        let rows = stmt.query_map([], image_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Deletes an image row; refused while a workspace uses it.
+    pub fn delete_image(&self, name: &ImageName) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let users: Vec<String> = {
+            let mut stmt = tx.prepare("SELECT id FROM workspaces WHERE image = ?1 ORDER BY id")?;
+            let rows = stmt.query_map([name.as_str()], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        if !users.is_empty() {
+            return Err(Error::precondition(format!(
+                "image {name} is used by {}; delete those workspaces first",
+                users.join(", ")
+            )));
+        }
+        if tx.execute("DELETE FROM images WHERE name = ?1", [name.as_str()])? == 0 {
+            return Err(Error::not_found("image", name.as_str()));
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every reserved IP address.
+    pub fn used_ips(&self) -> Result<std::collections::HashSet<std::net::Ipv4Addr>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT ip FROM workspaces WHERE ip IS NOT NULL")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut set = std::collections::HashSet::new();
+        for ip in rows {
+            set.insert(ip?.parse().map_err(|e| corrupt("ip", e))?);
+        }
+        Ok(set)
+    }
+}
+
 fn migrate(conn: &mut Connection) -> Result<()> {
     let current: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if current as usize > MIGRATIONS.len() {
@@ -469,6 +602,22 @@ mod tests {
     fn project(s: &Store, name: &str) -> Project {
         s.insert_project(&ProjectName::parse(name).unwrap(), 1000)
             .unwrap()
+    }
+
+    fn new_ws(s: &Store, p: &Project, owner: u32, uuid: &str) -> Workspace {
+        s.insert_workspace(&NewWorkspace {
+            id: WorkspaceId::generate(),
+            project: p,
+            owner_uid: owner,
+            uuid,
+            hardware: &Hardware::DEFAULT,
+            image: None,
+            login_user: "dev",
+            ssh_host_public_key: "",
+            mac: None,
+            ip: None,
+        })
+        .unwrap()
     }
 
     #[test]
@@ -508,8 +657,7 @@ mod tests {
             .insert_project(&ProjectName::parse("app").unwrap(), 1)
             .unwrap_err();
         assert!(matches!(err, Error::AlreadyExists(_)), "{err:?}");
-        s.insert_workspace(&p, 1000, "u1", &Hardware::DEFAULT)
-            .unwrap();
+        new_ws(&s, &p, 1000, "u1");
         let err = s.delete_project(&p).unwrap_err();
         assert!(err.to_string().contains("still has 1 workspace"), "{err}");
         let by_name = s
@@ -523,9 +671,7 @@ mod tests {
     fn owner_filter_hides_other_users_rows() {
         let (_d, s) = store();
         let p = project(&s, "mine");
-        let ws = s
-            .insert_workspace(&p, 1000, "u1", &Hardware::DEFAULT)
-            .unwrap();
+        let ws = new_ws(&s, &p, 1000, "u1");
         assert_eq!(s.list_projects(Some(1000)).unwrap().len(), 1);
         assert_eq!(s.list_projects(Some(1001)).unwrap().len(), 0);
         assert!(s.get_workspace(&ws.id, Some(1001)).is_err());
@@ -539,9 +685,7 @@ mod tests {
     fn cas_loses_against_a_concurrent_change() {
         let (_d, s) = store();
         let p = project(&s, "app");
-        let ws = s
-            .insert_workspace(&p, 1000, "u1", &Hardware::DEFAULT)
-            .unwrap();
+        let ws = new_ws(&s, &p, 1000, "u1");
         let a = s.cas_state(&ws, State::Starting, "", true).unwrap();
         assert_eq!(a.generation, 1);
         // `ws` is stale now: a second decision based on it must lose.
@@ -564,9 +708,7 @@ mod tests {
     fn pending_hardware_is_applied_by_a_transition_that_asks_for_it() {
         let (_d, s) = store();
         let p = project(&s, "app");
-        let ws = s
-            .insert_workspace(&p, 1000, "u1", &Hardware::DEFAULT)
-            .unwrap();
+        let ws = new_ws(&s, &p, 1000, "u1");
         let bigger = Hardware {
             cpus: 4,
             ..Hardware::DEFAULT
@@ -586,8 +728,8 @@ mod tests {
         let (_d, s) = store();
         let a = project(&s, "a");
         let b = project(&s, "b");
-        let w1 = s.insert_workspace(&a, 1, "u1", &Hardware::DEFAULT).unwrap();
-        s.insert_workspace(&b, 1, "u2", &Hardware::DEFAULT).unwrap();
+        let w1 = new_ws(&s, &a, 1, "u1");
+        new_ws(&s, &b, 1, "u2");
         s.cas_state(&w1, State::Starting, "", true).unwrap();
         let f = |state, project: Option<&Project>| WorkspaceFilter {
             state,

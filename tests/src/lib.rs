@@ -92,8 +92,27 @@ impl TestEnv {
         env
     }
 
+    /// A daemon with a small test image `tiny` (1 GiB, qcow2) imported as the default image.
     pub fn start() -> TestEnv {
-        Self::start_with_config("max_volume_size_gb = 64\nstop_timeout_secs = 5\n")
+        let env = Self::start_with_config(
+            "max_volume_size_gb = 64\nstop_timeout_secs = 5\ndefault_image = \"tiny\"\n",
+        );
+        let disk = env.make_disk("tiny.qcow2", "qcow2", "1G");
+        env.ok(&["image", "import", "tiny", disk.to_str().unwrap()]);
+        env
+    }
+
+    /// Creates a disk image with `qemu-img create` in the test dir.
+    pub fn make_disk(&self, name: &str, format: &str, size: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", format])
+            .arg(&path)
+            .arg(size)
+            .status()
+            .expect("run qemu-img (install qemu-utils)");
+        assert!(st.success(), "qemu-img create failed");
+        path
     }
 
     /// The `aetherd` command for this environment, not yet started.

@@ -10,12 +10,16 @@ use std::sync::Arc;
 
 use aether_proto::v1 as pb;
 use aether_proto::v1::aether_server::Aether;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::images::{BootMode, Image};
 use crate::model::{Hardware, HardwareRequest};
 use crate::store::{Project, Workspace};
-use crate::workspace::ops::Manager;
+use crate::tunnel;
+use crate::workspace::ops::{CreateWorkspace, ImageUpload, Manager};
 use crate::workspace::state::State;
 
 pub use aether_proto::v1::aether_server::AetherServer;
@@ -176,16 +180,22 @@ impl Aether for Service {
     ) -> Reply<pb::Workspace> {
         let caller = auth::caller(&req)?;
         let r = req.into_inner();
-        let hw = HardwareRequest {
-            cpu_kind: r.cpu_kind,
-            cpus: r.cpus,
-            memory_mb: r.memory_mb,
-            volume_size_gb: r.volume_size_gb,
-            gpu_kind: r.gpu_kind,
+        let create = CreateWorkspace {
+            project: r.project,
+            hardware: HardwareRequest {
+                cpu_kind: r.cpu_kind,
+                cpus: r.cpus,
+                memory_mb: r.memory_mb,
+                volume_size_gb: r.volume_size_gb,
+                gpu_kind: r.gpu_kind,
+            },
+            image: r.image,
+            login_user: r.login_user,
+            ssh_authorized_keys: r.ssh_authorized_keys,
         };
         let ws = self
             .manager
-            .create_workspace(caller, &r.project, &hw)
+            .create_workspace(caller, &create)
             .await
             .map_err(status)?;
         Ok(Response::new(workspace_to_pb(ws)))
@@ -278,8 +288,17 @@ impl Aether for Service {
         &self,
         req: Request<pb::GetConsoleLogRequest>,
     ) -> Reply<pb::ConsoleLog> {
-        auth::caller(&req)?;
-        Err(Status::unimplemented("console logs: in progress"))
+        let caller = auth::caller(&req)?;
+        let r = req.get_ref();
+        let max = match r.max_bytes {
+            0 => 64 * 1024,
+            n => n as usize,
+        };
+        let data = self
+            .manager
+            .console_log(caller, &r.id, max)
+            .map_err(status)?;
+        Ok(Response::new(pb::ConsoleLog { data }))
     }
 
     type TunnelStream = ByteStream<pb::TunnelResponse>;
@@ -288,8 +307,58 @@ impl Aether for Service {
         &self,
         req: Request<tonic::Streaming<pb::TunnelRequest>>,
     ) -> Reply<Self::TunnelStream> {
-        auth::caller(&req)?;
-        Err(Status::unimplemented("tunnel: in progress"))
+        use pb::tunnel_request::Msg;
+
+        let caller = auth::caller(&req)?;
+        let mut incoming = req.into_inner();
+        let open = match incoming.message().await? {
+            Some(pb::TunnelRequest {
+                msg: Some(Msg::Open(open)),
+            }) => open,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first tunnel message must be `open` (workspace id and port)",
+                ))
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "the tunnel request stream ended before `open`",
+                ))
+            }
+        };
+        let port = tunnel::port(open.port).map_err(status)?;
+        let (id, addr) = self
+            .manager
+            .tunnel_target(caller, &open.workspace_id, port)
+            .map_err(status)?;
+        let guest = tunnel::connect(addr).await.map_err(|e| {
+            Status::unavailable(format!(
+                "cannot connect to port {port} of workspace {id} ({addr}): {e}"
+            ))
+        })?;
+        let guard = self.manager.connections.open(&id);
+        tracing::info!(workspace = %id, port, "tunnel opened");
+        let from_client = incoming.filter_map(|r| match r {
+            Ok(pb::TunnelRequest {
+                msg: Some(Msg::Data(data)),
+            }) => Some(Ok(data)),
+            Ok(pb::TunnelRequest { msg: None }) => None,
+            Ok(pb::TunnelRequest {
+                msg: Some(Msg::Open(_)),
+            }) => Some(Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the tunnel is already open",
+            ))),
+            Err(s) => Some(Err(std::io::Error::other(format!(
+                "client stream: {}",
+                s.message()
+            )))),
+        });
+        let to_client = ReceiverStream::new(tunnel::spawn(guard, guest, from_client)).map(|r| {
+            r.map(|data| pb::TunnelResponse { data })
+                .map_err(|e| Status::unavailable(format!("tunnel: {e}")))
+        });
+        Ok(Response::new(Box::pin(to_client)))
     }
 
     async fn import_image(
@@ -297,7 +366,18 @@ impl Aether for Service {
         req: Request<tonic::Streaming<pb::ImportImageRequest>>,
     ) -> Reply<pb::Image> {
         auth::caller(&req)?;
-        Err(Status::unimplemented("images: in progress"))
+        let mut stream = req.into_inner();
+        let dir = upload_dir(self.manager.layout().tmp()).map_err(status)?;
+        let received = receive_image(&mut stream, &dir).await;
+        let upload = match received {
+            Ok(u) => u,
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                return Err(e);
+            }
+        };
+        let image = self.manager.import_image(upload).await.map_err(status)?;
+        Ok(Response::new(image_to_pb(&image)))
     }
 
     async fn list_images(
@@ -305,14 +385,133 @@ impl Aether for Service {
         req: Request<pb::ListImagesRequest>,
     ) -> Reply<pb::ListImagesResponse> {
         auth::caller(&req)?;
-        Err(Status::unimplemented("images: in progress"))
+        let images = self.manager.list_images().map_err(status)?;
+        Ok(Response::new(pb::ListImagesResponse {
+            images: images.iter().map(image_to_pb).collect(),
+        }))
     }
 
     async fn delete_image(
         &self,
         req: Request<pb::DeleteImageRequest>,
     ) -> Reply<pb::DeleteImageResponse> {
-        auth::caller(&req)?;
-        Err(Status::unimplemented("images: in progress"))
+        let caller = auth::caller(&req)?;
+        self.manager
+            .delete_image(caller, &req.get_ref().name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteImageResponse {}))
     }
+}
+
+fn boot_mode_to_pb(m: BootMode) -> pb::BootMode {
+    match m {
+        BootMode::Bios => pb::BootMode::Bios,
+        BootMode::Uefi => pb::BootMode::Uefi,
+        BootMode::Kernel => pb::BootMode::Kernel,
+    }
+}
+
+fn image_to_pb(i: &Image) -> pb::Image {
+    pb::Image {
+        name: i.name.to_string(),
+        format: "qcow2".to_owned(),
+        virtual_size_bytes: i.virtual_size,
+        boot_mode: boot_mode_to_pb(i.boot_mode) as i32,
+        cmdline: i.cmdline.clone(),
+        in_use: i.in_use,
+        created_at: i.created_at,
+        disk_size_bytes: i.disk_size,
+    }
+}
+
+/// A fresh private directory for one upload.
+fn upload_dir(tmp: std::path::PathBuf) -> crate::error::Result<std::path::PathBuf> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the kernel's random source is available");
+    let name: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let dir = tmp.join(format!("upload-{name}"));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
+/// Writes the parts of an image upload to `dir` (`kernel`, `initrd`, `disk`), enforcing the
+/// order header, kernel, initrd, disk.
+async fn receive_image(
+    stream: &mut tonic::Streaming<pb::ImportImageRequest>,
+    dir: &std::path::Path,
+) -> Result<ImageUpload, Status> {
+    use pb::import_image_request::Part;
+    use tokio::io::AsyncWriteExt;
+
+    let header = match stream.message().await? {
+        Some(pb::ImportImageRequest {
+            part: Some(Part::Header(h)),
+        }) => h,
+        _ => {
+            return Err(Status::invalid_argument(
+                "the first message must be the image header",
+            ))
+        }
+    };
+    let boot_mode = match pb::BootMode::try_from(header.boot_mode) {
+        Ok(pb::BootMode::Unspecified) => None,
+        Ok(pb::BootMode::Bios) => Some(BootMode::Bios),
+        Ok(pb::BootMode::Uefi) => Some(BootMode::Uefi),
+        Ok(pb::BootMode::Kernel) => Some(BootMode::Kernel),
+        Err(_) => return Err(Status::invalid_argument("invalid boot mode")),
+    };
+    // Validate the name before accepting gigabytes for it.
+    crate::images::ImageName::parse(&header.name).map_err(status)?;
+    let mut stage = 0; // 1 kernel, 2 initrd, 3 disk
+    let mut file: Option<tokio::fs::File> = None;
+    while let Some(msg) = stream.message().await? {
+        let (want, name, data) = match msg.part {
+            Some(Part::Kernel(d)) => (1, "kernel", d),
+            Some(Part::Initrd(d)) => (2, "initrd", d),
+            Some(Part::Disk(d)) => (3, "disk", d),
+            Some(Part::Header(_)) | None => {
+                return Err(Status::invalid_argument("only one header is allowed"))
+            }
+        };
+        if want < stage {
+            return Err(Status::invalid_argument(
+                "image parts must come in the order kernel, initrd, disk",
+            ));
+        }
+        if want > stage {
+            if let Some(mut f) = file.take() {
+                f.flush()
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
+            }
+            stage = want;
+            file = Some(
+                tokio::fs::File::create(dir.join(name))
+                    .await
+                    .map_err(|e| Status::internal(format!("cannot store upload: {e}")))?,
+            );
+        }
+        if let Some(f) = file.as_mut() {
+            f.write_all(&data)
+                .await
+                .map_err(|e| Status::internal(format!("cannot store upload: {e}")))?;
+        }
+    }
+    if let Some(mut f) = file.take() {
+        f.flush()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        f.sync_all()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+    }
+    Ok(ImageUpload {
+        dir: dir.to_owned(),
+        name: header.name,
+        boot_mode,
+        cmdline: header.cmdline,
+        source_name: header.source_name,
+    })
 }

@@ -9,14 +9,25 @@ pub mod xml;
 
 use std::time::Duration;
 
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::error::ErrorNumber;
+use virt::network::Network;
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+use virt::sys;
 
 use crate::config::Accel;
 use crate::error::{Error, Result};
 use crate::model::WorkspaceId;
-pub use xml::{DomainSpec, DomainType};
+use crate::network::{self, Subnet};
+pub use xml::{Boot, DomainSpec, DomainType};
+
+/// Name of the storage pool aether keeps its volumes in.
+pub const POOL_NAME: &str = "aether";
 
 /// `VIR_DOMAIN_METADATA_ELEMENT`: metadata stored as a custom XML element.
 const METADATA_ELEMENT: i32 = 2;
@@ -51,6 +62,27 @@ fn version_string(v: u32) -> String {
 
 fn is_no_domain(e: &virt::error::Error) -> bool {
     e.code().is(ErrorNumber::NoDomain)
+}
+
+fn pool(conn: &Connect) -> Result<StoragePool> {
+    conn.lookup_storage_pool_by_name(POOL_NAME)
+        .map_err(|e| Error::Libvirt(format!("storage pool {POOL_NAME}: {}", e.message())))
+}
+
+fn find_volume(conn: &Connect, name: &str) -> Result<Option<StorageVol>> {
+    match pool(conn)?.lookup_storage_vol_by_name(name) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.code().is(ErrorNumber::NoStorageVolume) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn update_flags(net: &Network) -> Result<sys::virNetworkUpdateFlags> {
+    Ok(if net.is_active()? {
+        sys::VIR_NETWORK_UPDATE_AFFECT_LIVE | sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG
+    } else {
+        sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG
+    })
 }
 
 /// Looks up the domain of `ws`, checking that it carries aether's metadata for `ws`.
@@ -131,6 +163,154 @@ impl Hypervisor {
             })
         })
         .await
+    }
+
+    /// Makes sure the dir pool `aether` at `path` exists, is active and autostarts.
+    pub async fn ensure_pool(&self, path: &Path) -> Result<()> {
+        let xml = xml::pool_xml(POOL_NAME, path);
+        self.call("virStoragePoolCreate", move |c| {
+            let p = match c.lookup_storage_pool_by_name(POOL_NAME) {
+                Ok(p) => p,
+                Err(e) if e.code().is(ErrorNumber::NoStoragePool) => {
+                    tracing::info!(pool = POOL_NAME, "defining storage pool");
+                    let p = c.define_storage_pool_xml(&xml, 0)?;
+                    p.build(sys::VIR_STORAGE_POOL_BUILD_NEW)?;
+                    p
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if !p.is_active()? {
+                p.create(0)?;
+            }
+            if !p.autostart()? {
+                p.set_autostart(true)?;
+            }
+            p.refresh(0)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Rescans the pool so libvirt knows volumes the daemon wrote itself.
+    pub async fn refresh_pool(&self) -> Result<()> {
+        self.call("virStoragePoolRefresh", |c| Ok(pool(c)?.refresh(0)?))
+            .await
+    }
+
+    /// Creates the qcow2 overlay `name` on `backing` (idempotent) and returns its path.
+    pub async fn create_overlay(
+        &self,
+        name: &str,
+        capacity_gib: u32,
+        backing: &Path,
+    ) -> Result<PathBuf> {
+        let xml = xml::overlay_volume_xml(name, capacity_gib, backing);
+        let name = name.to_owned();
+        self.call("virStorageVolCreateXML", move |c| {
+            let vol = match find_volume(c, &name)? {
+                Some(v) => v,
+                None => StorageVol::create_xml(&pool(c)?, &xml, 0)?,
+            };
+            Ok(PathBuf::from(vol.path()?))
+        })
+        .await
+    }
+
+    /// Deletes volume `name`; a missing volume is fine.
+    pub async fn delete_volume(&self, name: &str) -> Result<()> {
+        let name = name.to_owned();
+        self.call("virStorageVolDelete", move |c| {
+            if let Some(v) = find_volume(c, &name)? {
+                v.delete(0)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Makes sure the NAT network `aether` exists, is active and autostarts; returns its
+    /// subnet. An existing network keeps its subnet; a new one gets `preferred` or the
+    /// first candidate that collides with no host route.
+    pub async fn ensure_network(&self, preferred: Option<Subnet>) -> Result<Subnet> {
+        self.call("virNetworkCreate", move |c| {
+            let net = match c.lookup_network_by_name(network::NETWORK_NAME) {
+                Ok(n) => n,
+                Err(e) if e.code().is(ErrorNumber::NoNetwork) => {
+                    let subnet = match preferred {
+                        Some(s) => s,
+                        None => Subnet::choose(&network::host_routes())?,
+                    };
+                    tracing::info!(network = network::NETWORK_NAME, gateway = %subnet.gateway(), "defining network");
+                    c.define_network_xml(&network::network_xml(&subnet))?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if !net.is_active()? {
+                net.create()?;
+            }
+            if !net.autostart()? {
+                net.set_autostart(true)?;
+            }
+            let xml = net.xml_desc(0)?;
+            network::subnet_of_network_xml(&xml).ok_or_else(|| {
+                Error::Libvirt(format!(
+                    "network {} has no IPv4 address; delete it or give it one",
+                    network::NETWORK_NAME
+                ))
+            })
+        })
+        .await
+    }
+
+    /// Adds the static DHCP reservation `mac` -> `ip` (idempotent).
+    pub async fn add_dhcp_host(&self, mac: &str, ip: Ipv4Addr, name: &str) -> Result<()> {
+        let xml = network::dhcp_host_xml(mac, ip, name);
+        let mac = mac.to_owned();
+        self.call("virNetworkUpdate", move |c| {
+            let net = c.lookup_network_by_name(network::NETWORK_NAME)?;
+            if net.xml_desc(0)?.contains(&format!("mac='{mac}'")) {
+                return Ok(());
+            }
+            net.update(
+                sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+                sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                -1,
+                &xml,
+                update_flags(&net)?,
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes the reservation of `mac`; a missing one is fine.
+    pub async fn remove_dhcp_host(&self, mac: &str, ip: Ipv4Addr, name: &str) -> Result<()> {
+        let xml = network::dhcp_host_xml(mac, ip, name);
+        let mac = mac.to_owned();
+        self.call("virNetworkUpdate", move |c| {
+            let net = match c.lookup_network_by_name(network::NETWORK_NAME) {
+                Ok(n) => n,
+                Err(e) if e.code().is(ErrorNumber::NoNetwork) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            if !net.xml_desc(0)?.contains(&format!("mac='{mac}'")) {
+                return Ok(());
+            }
+            net.update(
+                sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                -1,
+                &xml,
+                update_flags(&net)?,
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether the workspace's domain exists in libvirt (for tests and `get`).
+    pub async fn domain_exists(&self, ws: &WorkspaceId) -> Result<bool> {
+        Ok(self.status(ws).await? != DomainStatus::Missing)
     }
 
     /// Defines (or redefines) the domain from `spec`. Idempotent.

@@ -1,6 +1,8 @@
 //! libvirt XML produced with an XML writer, never by string formatting, so no value can
 //! change the document's structure. Golden files in `golden/` pin the output.
 
+use std::path::{Path, PathBuf};
+
 use quick_xml::events::BytesText;
 use quick_xml::Writer;
 
@@ -40,7 +42,23 @@ impl DomainType {
     }
 }
 
-/// Everything the domain XML is made from; all fields are validated types or numbers.
+/// How the domain boots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Boot {
+    /// SeaBIOS boots the root disk.
+    Bios,
+    /// OVMF boots the root disk (`<os firmware='efi'>`).
+    Uefi,
+    /// Direct kernel boot.
+    Kernel {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        cmdline: String,
+    },
+}
+
+/// Everything the domain XML is made from; all fields are validated types, numbers, or
+/// paths the daemon built from validated names.
 #[derive(Clone, Debug)]
 pub struct DomainSpec {
     pub workspace: WorkspaceId,
@@ -49,6 +67,21 @@ pub struct DomainSpec {
     pub domain_type: DomainType,
     pub cpus: u32,
     pub memory_mb: u32,
+    pub boot: Boot,
+    /// qcow2 root volume (vda); `None` for workspaces without an image.
+    pub root_disk: Option<PathBuf>,
+    /// cloud-init seed (vdb, read-only raw vfat).
+    pub seed_disk: Option<PathBuf>,
+    /// NIC on the `aether` network.
+    pub mac: Option<String>,
+    pub network: String,
+    /// File that receives the serial console.
+    pub console_log: Option<PathBuf>,
+}
+
+fn path_str(p: &Path) -> &str {
+    // Paths are built by the daemon from UTF-8 config values and validated names.
+    p.to_str().expect("daemon-built paths are UTF-8")
 }
 
 type W = Writer<Vec<u8>>;
@@ -90,6 +123,94 @@ fn write_metadata(w: &mut W, spec: &DomainSpec) -> R {
     Ok(())
 }
 
+fn write_disk(w: &mut W, path: &Path, format: &str, dev: &str, readonly: bool) -> R {
+    w.create_element("disk")
+        .with_attributes([("type", "file"), ("device", "disk")])
+        .write_inner_content(|w| {
+            empty_element(w, "driver", &[("name", "qemu"), ("type", format)])?;
+            empty_element(w, "source", &[("file", path_str(path))])?;
+            empty_element(w, "target", &[("dev", dev), ("bus", "virtio")])?;
+            if readonly {
+                empty_element(w, "readonly", &[])?;
+            }
+            Ok(())
+        })?;
+    Ok(())
+}
+
+fn write_devices(w: &mut W, spec: &DomainSpec) -> R {
+    if let Some(root) = &spec.root_disk {
+        write_disk(w, root, "qcow2", "vda", false)?;
+    }
+    if let Some(seed) = &spec.seed_disk {
+        write_disk(w, seed, "raw", "vdb", true)?;
+    }
+    if let Some(mac) = &spec.mac {
+        w.create_element("interface")
+            .with_attribute(("type", "network"))
+            .write_inner_content(|w| {
+                empty_element(w, "mac", &[("address", mac)])?;
+                empty_element(w, "source", &[("network", &spec.network)])?;
+                empty_element(w, "model", &[("type", "virtio")])
+            })?;
+    }
+    if let Some(log) = &spec.console_log {
+        w.create_element("serial")
+            .with_attribute(("type", "file"))
+            .write_inner_content(|w| {
+                empty_element(w, "source", &[("path", path_str(log)), ("append", "on")])?;
+                empty_element(w, "target", &[("port", "0")])
+            })?;
+    }
+    // Guests otherwise wait for entropy before sshd starts.
+    w.create_element("rng")
+        .with_attribute(("model", "virtio"))
+        .write_inner_content(|w| {
+            text_element(w, "backend", &[("model", "random")], "/dev/urandom")
+        })?;
+    Ok(())
+}
+
+/// The `aether` dir storage pool.
+pub fn pool_xml(name: &str, path: &Path) -> String {
+    let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
+    let r: R = (|| {
+        w.create_element("pool")
+            .with_attribute(("type", "dir"))
+            .write_inner_content(|w| {
+                text_element(w, "name", &[], name)?;
+                w.create_element("target")
+                    .write_inner_content(|w| text_element(w, "path", &[], path_str(path)))?;
+                Ok(())
+            })?;
+        Ok(())
+    })();
+    r.expect("writing XML to a Vec cannot fail");
+    String::from_utf8(w.into_inner()).expect("the XML writer emits UTF-8")
+}
+
+/// A qcow2 overlay volume of `capacity_gib` on the qcow2 `backing` file.
+pub fn overlay_volume_xml(name: &str, capacity_gib: u32, backing: &Path) -> String {
+    let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
+    let capacity = capacity_gib.to_string();
+    let r: R = (|| {
+        w.create_element("volume").write_inner_content(|w| {
+            text_element(w, "name", &[], name)?;
+            text_element(w, "capacity", &[("unit", "GiB")], &capacity)?;
+            w.create_element("target")
+                .write_inner_content(|w| empty_element(w, "format", &[("type", "qcow2")]))?;
+            w.create_element("backingStore").write_inner_content(|w| {
+                text_element(w, "path", &[], path_str(backing))?;
+                empty_element(w, "format", &[("type", "qcow2")])
+            })?;
+            Ok(())
+        })?;
+        Ok(())
+    })();
+    r.expect("writing XML to a Vec cannot fail");
+    String::from_utf8(w.into_inner()).expect("the XML writer emits UTF-8")
+}
+
 pub fn domain_xml(spec: &DomainSpec) -> String {
     let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
     let cpus = spec.cpus.to_string();
@@ -105,19 +226,36 @@ pub fn domain_xml(spec: &DomainSpec) -> String {
                     .write_inner_content(|w| write_metadata(w, spec))?;
                 text_element(w, "memory", &[("unit", "MiB")], &memory)?;
                 text_element(w, "vcpu", &[], &cpus)?;
-                w.create_element("os").write_inner_content(|w| {
+                let os = w.create_element("os");
+                let os = match spec.boot {
+                    Boot::Uefi => os.with_attribute(("firmware", "efi")),
+                    Boot::Bios | Boot::Kernel { .. } => os,
+                };
+                os.write_inner_content(|w| {
                     text_element(w, "type", &[("arch", "x86_64")], "hvm")?;
-                    empty_element(w, "boot", &[("dev", "hd")])
+                    match &spec.boot {
+                        Boot::Kernel {
+                            kernel,
+                            initrd,
+                            cmdline,
+                        } => {
+                            text_element(w, "kernel", &[], path_str(kernel))?;
+                            text_element(w, "initrd", &[], path_str(initrd))?;
+                            text_element(w, "cmdline", &[], cmdline)
+                        }
+                        Boot::Bios | Boot::Uefi => empty_element(w, "boot", &[("dev", "hd")]),
+                    }
                 })?;
                 w.create_element("features").write_inner_content(|w| {
                     empty_element(w, "acpi", &[])?;
                     empty_element(w, "apic", &[])
                 })?;
+                empty_element(w, "clock", &[("offset", "utc")])?;
                 text_element(w, "on_poweroff", &[], "destroy")?;
                 text_element(w, "on_reboot", &[], "restart")?;
                 text_element(w, "on_crash", &[], "destroy")?;
                 w.create_element("devices")
-                    .write_inner_content(|_| Ok(()))?;
+                    .write_inner_content(|w| write_devices(w, spec))?;
                 Ok(())
             })?;
         Ok(())
@@ -157,6 +295,27 @@ mod tests {
             domain_type: DomainType::Qemu,
             cpus: 2,
             memory_mb: 2048,
+            boot: Boot::Bios,
+            root_disk: None,
+            seed_disk: None,
+            mac: None,
+            network: "aether".into(),
+            console_log: None,
+        }
+    }
+
+    fn full_spec() -> DomainSpec {
+        DomainSpec {
+            boot: Boot::Kernel {
+                kernel: "/var/lib/aether/boot/testguest/vmlinuz".into(),
+                initrd: "/var/lib/aether/boot/testguest/initrd.img".into(),
+                cmdline: "console=ttyS0 quiet".into(),
+            },
+            root_disk: Some("/var/lib/aether/pool/ws-abc123-root.qcow2".into()),
+            seed_disk: Some("/var/lib/aether/pool/ws-abc123-seed.img".into()),
+            mac: Some("52:54:00:aa:00:01".into()),
+            console_log: Some("/var/lib/aether/console/ws-abc123.log".into()),
+            ..spec()
         }
     }
 
@@ -180,6 +339,46 @@ mod tests {
     #[test]
     fn domain_xml_matches_golden() {
         golden("domain-qemu.xml", &domain_xml(&spec()));
+        golden("domain-kernel-boot.xml", &domain_xml(&full_spec()));
+        let uefi = DomainSpec {
+            boot: Boot::Uefi,
+            domain_type: DomainType::Kvm,
+            ..full_spec()
+        };
+        golden("domain-uefi-kvm.xml", &domain_xml(&uefi));
+    }
+
+    #[test]
+    fn pool_and_volume_xml_match_golden() {
+        golden(
+            "pool.xml",
+            &pool_xml("aether", Path::new("/var/lib/aether/pool")),
+        );
+        golden(
+            "volume-overlay.xml",
+            &overlay_volume_xml(
+                "ws-abc123-root.qcow2",
+                20,
+                Path::new("/var/lib/aether/pool/image-debian-12.qcow2"),
+            ),
+        );
+    }
+
+    #[test]
+    fn text_is_escaped_not_interpreted() {
+        let evil = DomainSpec {
+            boot: Boot::Kernel {
+                kernel: "/k".into(),
+                initrd: "/i".into(),
+                cmdline: "a</cmdline><devices>".into(),
+            },
+            ..spec()
+        };
+        let xml = domain_xml(&evil);
+        assert!(
+            xml.contains("<cmdline>a&lt;/cmdline&gt;&lt;devices&gt;</cmdline>"),
+            "{xml}"
+        );
     }
 
     #[test]

@@ -13,13 +13,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::cloudinit::{self, KeyPair};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::hypervisor::Boot;
 use crate::hypervisor::{DomainSpec, DomainStatus, Hypervisor};
+use crate::images::{self, BootMode, Image, ImageName, Layout};
 use crate::model::{
     Hardware, HardwareLimits, HardwareRequest, ProjectName, ProjectRef, WorkspaceId,
 };
-use crate::store::{Owner, Project, Store, Workspace, WorkspaceFilter};
+use crate::network::{self, Subnet};
+use crate::store::{NewWorkspace, Owner, Project, Store, Workspace, WorkspaceFilter};
 use crate::tunnel::Connections;
 use crate::workspace::state::{self, Event, State};
 
@@ -55,6 +59,10 @@ pub struct Manager {
     store: Store,
     hv: Hypervisor,
     config: Config,
+    layout: Layout,
+    subnet: Subnet,
+    /// The daemon's own SSH key, authorized in every guest (for tasks).
+    daemon_key: KeyPair,
     /// One lock per workspace, held by whatever is doing libvirt work on it.
     locks: Mutex<HashMap<WorkspaceId, Arc<tokio::sync::Mutex<()>>>>,
     /// Open tunnels per workspace.
@@ -62,14 +70,39 @@ pub struct Manager {
 }
 
 impl Manager {
-    pub fn new(store: Store, hv: Hypervisor, config: Config) -> Arc<Manager> {
-        Arc::new(Manager {
+    /// Prepares the host side (directories, storage pool, network, the daemon's SSH key).
+    pub async fn new(store: Store, hv: Hypervisor, config: Config) -> Result<Arc<Manager>> {
+        let layout = Layout {
+            state_dir: config.state_dir.clone(),
+        };
+        layout.create()?;
+        hv.ensure_pool(&layout.pool()).await?;
+        let preferred = config
+            .network_cidr
+            .as_deref()
+            .map(Subnet::parse)
+            .transpose()?;
+        let subnet = hv.ensure_network(preferred).await?;
+        let daemon_key = daemon_key(&layout)?;
+        Ok(Arc::new(Manager {
             store,
             hv,
             config,
+            layout,
+            subnet,
+            daemon_key,
             locks: Mutex::new(HashMap::new()),
             connections: Connections::default(),
-        })
+        }))
+    }
+
+    /// The daemon's public SSH key (authorized in every guest).
+    pub fn daemon_public_key(&self) -> &str {
+        &self.daemon_key.public
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     fn lock_of(&self, id: &WorkspaceId) -> Arc<tokio::sync::Mutex<()>> {
@@ -86,15 +119,47 @@ impl Manager {
         }
     }
 
-    fn spec(&self, ws: &Workspace) -> DomainSpec {
-        DomainSpec {
+    fn spec(&self, ws: &Workspace) -> Result<DomainSpec> {
+        let image = match &ws.image {
+            Some(name) => Some(self.store.get_image(&ImageName::parse(name)?)?),
+            None => None,
+        };
+        let boot = match &image {
+            Some(Image {
+                boot_mode: BootMode::Kernel,
+                name,
+                cmdline,
+                ..
+            }) => Boot::Kernel {
+                kernel: self.layout.kernel(name),
+                initrd: self.layout.initrd(name),
+                cmdline: cmdline.clone(),
+            },
+            Some(Image {
+                boot_mode: BootMode::Uefi,
+                ..
+            }) => Boot::Uefi,
+            Some(Image {
+                boot_mode: BootMode::Bios,
+                ..
+            })
+            | None => Boot::Bios,
+        };
+        let has_disks = image.is_some();
+        Ok(DomainSpec {
             workspace: ws.id.clone(),
             project: ws.project_id.clone(),
             uuid: ws.uuid.clone(),
             domain_type: self.hv.domain_type(),
             cpus: ws.hardware.cpus,
             memory_mb: ws.hardware.memory_mb,
-        }
+            boot,
+            root_disk: has_disks.then(|| self.layout.pool().join(root_volume_name(&ws.id))),
+            seed_disk: has_disks.then(|| self.layout.pool().join(seed_file_name(&ws.id))),
+            mac: ws.mac.clone(),
+            network: crate::network::NETWORK_NAME.to_owned(),
+            console_log: Some(self.layout.console_log(&ws.id)),
+        })
     }
 
     /// Decides `event` for `ws` and writes it as a CAS.
@@ -145,27 +210,131 @@ impl Manager {
 
     // ---- workspaces ----
 
+    /// Creates a workspace: database row, root volume (a qcow2 overlay on the image), seed,
+    /// DHCP reservation and domain. A failed step undoes the ones before it.
     pub async fn create_workspace(
         &self,
         caller: Caller,
-        project: &str,
-        req: &HardwareRequest,
+        req: &CreateWorkspace,
     ) -> Result<Workspace> {
-        let project = self.get_project(caller, project)?;
-        let hardware = Hardware::DEFAULT.with(req, &self.limits())?;
+        let project = self.get_project(caller, &req.project)?;
+        let hardware = Hardware::DEFAULT.with(&req.hardware, &self.limits())?;
+        let image_name = match (req.image.as_str(), self.config.default_image.as_str()) {
+            ("", "") => {
+                return Err(Error::invalid(
+                    "no image given and no default_image configured; pass --image (see `aether image list`)",
+                ))
+            }
+            ("", default) => ImageName::parse(default)?,
+            (name, _) => ImageName::parse(name)?,
+        };
+        let image = self.store.get_image(&image_name)?;
+        let size_bytes = u64::from(hardware.volume_size_gb) << 30;
+        if size_bytes < image.virtual_size {
+            return Err(Error::invalid(format!(
+                "volume size {} GiB is smaller than image {} ({} GiB); use --volume-size {} or more",
+                hardware.volume_size_gb,
+                image.name,
+                image.virtual_size.div_ceil(1 << 30),
+                image.virtual_size.div_ceil(1 << 30)
+            )));
+        }
+        cloudinit::validate_login(&req.login_user)?;
+        if req.ssh_authorized_keys.is_empty() {
+            return Err(Error::invalid("at least one SSH public key is required"));
+        }
+        let mut keys = req
+            .ssh_authorized_keys
+            .iter()
+            .map(|k| cloudinit::normalize_public_key(k))
+            .collect::<Result<Vec<_>>>()?;
+        keys.push(self.daemon_key.public.clone());
+
+        let id = WorkspaceId::generate();
+        let host_key = cloudinit::generate_ed25519(&self.layout.tmp(), id.as_str())?;
+        let mac = network::random_mac();
+        let ip = self.subnet.allocate(&self.store.used_ips()?)?;
         let uuid = new_uuid();
-        let ws = self
-            .store
-            .insert_workspace(&project, caller.uid, &uuid, &hardware)?;
-        if let Err(e) = self.hv.define(&self.spec(&ws)).await {
-            // Undo: a workspace without a domain must not stay behind.
+        let ws = self.store.insert_workspace(&NewWorkspace {
+            id,
+            project: &project,
+            owner_uid: caller.uid,
+            uuid: &uuid,
+            hardware: &hardware,
+            image: Some(image.name.as_str()),
+            login_user: &req.login_user,
+            ssh_host_public_key: &host_key.public,
+            mac: Some(&mac),
+            ip: Some(ip),
+        })?;
+        let lock = self.lock_of(&ws.id);
+        let _guard = lock.lock().await;
+        if let Err(e) = self.provision(&ws, &image, &keys, &host_key).await {
+            tracing::warn!(workspace = %ws.id, error = %e, "create failed; undoing");
+            if let Err(undo) = self.deprovision(&ws).await {
+                tracing::error!(workspace = %ws.id, error = %undo, "could not undo all of create");
+            }
             if let Err(undo) = self.store.delete_workspace(&ws) {
                 tracing::error!(workspace = %ws.id, error = %undo, "could not undo workspace row");
             }
             return Err(e);
         }
-        tracing::info!(workspace = %ws.id, project = %project.id, hardware = %hardware, "workspace created");
+        tracing::info!(workspace = %ws.id, project = %project.id, image = %image.name, %ip, hardware = %hardware, "workspace created");
         Ok(ws)
+    }
+
+    /// The host-side resources of a workspace, each step idempotent.
+    async fn provision(
+        &self,
+        ws: &Workspace,
+        image: &Image,
+        keys: &[String],
+        host_key: &cloudinit::KeyPair,
+    ) -> Result<()> {
+        let base = self.layout.pool().join(image.name.volume_name());
+        self.hv
+            .create_overlay(&root_volume_name(&ws.id), ws.hardware.volume_size_gb, &base)
+            .await?;
+        let seed_path = self.layout.pool().join(seed_file_name(&ws.id));
+        let seed = cloudinit::Seed {
+            workspace: &ws.id,
+            login_user: &ws.login_user,
+            authorized_keys: keys,
+            host_key,
+        };
+        tokio::task::block_in_place(|| cloudinit::write_seed(&seed_path, &seed))?;
+        images::set_mode(&seed_path, 0o644)?;
+        self.hv.refresh_pool().await?;
+        if let (Some(mac), Some(ip)) = (&ws.mac, ws.ip) {
+            self.hv.add_dhcp_host(mac, ip, ws.id.as_str()).await?;
+        }
+        self.hv.define(&self.spec(ws)?).await
+    }
+
+    /// Removes everything [`Manager::provision`] made; missing pieces are fine.
+    async fn deprovision(&self, ws: &Workspace) -> Result<()> {
+        self.hv.undefine(&ws.id).await?;
+        if let (Some(mac), Some(ip)) = (&ws.mac, ws.ip) {
+            self.hv.remove_dhcp_host(mac, ip, ws.id.as_str()).await?;
+        }
+        self.hv.delete_volume(&root_volume_name(&ws.id)).await?;
+        self.hv.delete_volume(&seed_file_name(&ws.id)).await?;
+        for path in [
+            self.layout.pool().join(seed_file_name(&ws.id)),
+            self.layout.console_log(&ws.id),
+        ] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::Internal(format!(
+                        "cannot remove {}: {e}",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn list_workspaces(
@@ -185,6 +354,135 @@ impl Manager {
     pub fn get_workspace(&self, caller: Caller, id: &str) -> Result<Workspace> {
         self.store
             .get_workspace(&WorkspaceId::parse(id)?, caller.owner())
+    }
+
+    // ---- images ----
+
+    /// Finishes an upload: `dir` holds `disk` and, for direct kernel boot, `kernel` and
+    /// `initrd`. Checks and installs them; the upload dir is removed in every case.
+    pub async fn import_image(&self, upload: ImageUpload) -> Result<Image> {
+        let result = self.install_image(&upload).await;
+        let _ = std::fs::remove_dir_all(&upload.dir);
+        result
+    }
+
+    async fn install_image(&self, up: &ImageUpload) -> Result<Image> {
+        let name = ImageName::parse(&up.name)?;
+        images::validate_cmdline(&up.cmdline)?;
+        if let Ok(existing) = self.store.get_image(&name) {
+            return Err(Error::AlreadyExists(format!(
+                "image {} already exists",
+                existing.name
+            )));
+        }
+        let kernel = up.dir.join("kernel");
+        let initrd = up.dir.join("initrd");
+        let boot_mode = match (up.boot_mode, kernel.exists()) {
+            (Some(BootMode::Kernel) | None, true) => BootMode::Kernel,
+            (Some(BootMode::Kernel), false) => {
+                return Err(Error::invalid(
+                    "direct kernel boot needs a kernel (--kernel)",
+                ))
+            }
+            (Some(mode), true) => {
+                return Err(Error::invalid(format!(
+                    "a kernel was sent but the boot mode is {}",
+                    mode.as_str()
+                )))
+            }
+            (Some(mode), false) => mode,
+            (None, false) => BootMode::Bios,
+        };
+        if boot_mode != BootMode::Kernel && !up.cmdline.is_empty() {
+            return Err(Error::invalid(
+                "a kernel command line needs direct kernel boot (--kernel)",
+            ));
+        }
+        let disk = up.dir.join("disk");
+        if !disk.exists() {
+            return Err(Error::invalid("no disk data was sent"));
+        }
+        let dest = self.layout.pool().join(name.volume_name());
+        let source_name = up.source_name.clone();
+        let info = tokio::task::block_in_place(|| -> Result<images::QemuImgInfo> {
+            let info = images::qemu_img_info(&disk)?;
+            images::check_disk(&info, &source_name)?;
+            images::install_disk(&info, &disk, &dest)?;
+            Ok(info)
+        })?;
+        let installed = tokio::task::block_in_place(|| images::qemu_img_info(&dest))?;
+        let cleanup = |e: Error| {
+            let _ = std::fs::remove_file(&dest);
+            let _ = std::fs::remove_dir_all(self.layout.boot_dir(&name));
+            e
+        };
+        if boot_mode == BootMode::Kernel {
+            let dir = self.layout.boot_dir(&name);
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                cleanup(Error::Internal(format!(
+                    "cannot create {}: {e}",
+                    dir.display()
+                )))
+            })?;
+            images::set_mode(&dir, 0o755).map_err(cleanup)?;
+            for (from, to) in [
+                (&kernel, self.layout.kernel(&name)),
+                (&initrd, self.layout.initrd(&name)),
+            ] {
+                if !from.exists() {
+                    return Err(cleanup(Error::invalid(
+                        "direct kernel boot needs an initrd (--initrd)",
+                    )));
+                }
+                std::fs::rename(from, &to).map_err(|e| {
+                    cleanup(Error::Internal(format!(
+                        "cannot move {}: {e}",
+                        to.display()
+                    )))
+                })?;
+                images::set_mode(&to, 0o644).map_err(cleanup)?;
+            }
+        }
+        let image = Image {
+            name: name.clone(),
+            boot_mode,
+            cmdline: up.cmdline.clone(),
+            virtual_size: info.virtual_size,
+            disk_size: installed.actual_size,
+            created_at: crate::store::now(),
+            in_use: 0,
+        };
+        self.store.insert_image(&image).map_err(cleanup)?;
+        self.hv.refresh_pool().await?;
+        tracing::info!(image = %name, boot = boot_mode.as_str(), virtual_size = info.virtual_size, "image imported");
+        Ok(image)
+    }
+
+    pub fn list_images(&self) -> Result<Vec<Image>> {
+        self.store.list_images()
+    }
+
+    pub async fn delete_image(&self, caller: Caller, name: &str) -> Result<()> {
+        let name = ImageName::parse(name)?;
+        if !caller.admin {
+            return Err(Error::PermissionDenied(
+                "only root may delete images".into(),
+            ));
+        }
+        self.store.delete_image(&name)?;
+        self.hv.delete_volume(&name.volume_name()).await?;
+        for path in [self.layout.pool().join(name.volume_name())] {
+            let _ = std::fs::remove_file(path);
+        }
+        let _ = std::fs::remove_dir_all(self.layout.boot_dir(&name));
+        tracing::info!(image = %name, "image deleted");
+        Ok(())
+    }
+
+    /// The last `max` bytes of the workspace's serial console log.
+    pub fn console_log(&self, caller: Caller, id: &str, max: usize) -> Result<Vec<u8>> {
+        let ws = self.get_workspace(caller, id)?;
+        tail(&self.layout.console_log(&ws.id), max)
     }
 
     /// Where a tunnel to `port` of workspace `id` connects: the guest's address, while the
@@ -222,7 +520,7 @@ impl Manager {
         let lock = self.lock_of(&ws.id);
         let _guard = lock.lock().await;
         let booted = async {
-            self.hv.define(&self.spec(&ws)).await?;
+            self.hv.define(&self.spec(&ws)?).await?;
             self.hv.start(&ws.id).await?;
             match self.hv.status(&ws.id).await? {
                 DomainStatus::Active => Ok(()),
@@ -316,7 +614,7 @@ impl Manager {
         }
         let lock = self.lock_of(&ws.id);
         let _guard = lock.lock().await;
-        self.hv.undefine(&ws.id).await?;
+        self.deprovision(&ws).await?;
         self.store.delete_workspace(&ws)?;
         self.locks
             .lock()
@@ -346,7 +644,7 @@ impl Manager {
             let lock = self.lock_of(&ws.id);
             let _guard = lock.lock().await;
             let updated = self.store.set_hardware(&ws, &wanted, None)?;
-            if let Err(e) = self.hv.define(&self.spec(&updated)).await {
+            if let Err(e) = self.hv.define(&self.spec(&updated)?).await {
                 // Undo, so the database keeps describing the defined domain.
                 let _ =
                     self.store
@@ -373,7 +671,7 @@ impl Manager {
             let mut status = self.hv.status(&ws.id).await?;
             if status == DomainStatus::Missing {
                 tracing::warn!(workspace = %ws.id, "domain missing; defining it again");
-                self.hv.define(&self.spec(&ws)).await?;
+                self.hv.define(&self.spec(&ws)?).await?;
                 status = DomainStatus::Off;
             }
             let active = status == DomainStatus::Active;
@@ -420,6 +718,84 @@ fn log_background(id: &WorkspaceId, what: &str, result: Result<Workspace>) {
             tracing::error!(workspace = %id, error = %e, "{what} could not record its result")
         }
     }
+}
+
+/// An uploaded image waiting to be checked and installed.
+#[derive(Clone, Debug)]
+pub struct ImageUpload {
+    /// Directory with `disk`, and `kernel` + `initrd` for direct kernel boot.
+    pub dir: std::path::PathBuf,
+    pub name: String,
+    pub boot_mode: Option<BootMode>,
+    pub cmdline: String,
+    pub source_name: String,
+}
+
+/// The last `max` bytes of a file; a missing file is empty.
+pub fn tail(path: &std::path::Path, max: usize) -> Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(Error::Internal(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    let io = |e: std::io::Error| Error::Internal(format!("cannot read {}: {e}", path.display()));
+    let len = f.metadata().map_err(io)?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max as u64)))
+        .map_err(io)?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).map_err(io)?;
+    Ok(buf)
+}
+
+/// What `create_workspace` is asked for.
+#[derive(Clone, Debug, Default)]
+pub struct CreateWorkspace {
+    pub project: String,
+    pub hardware: HardwareRequest,
+    /// Image name; empty: the daemon's `default_image`.
+    pub image: String,
+    pub login_user: String,
+    pub ssh_authorized_keys: Vec<String>,
+}
+
+pub fn root_volume_name(id: &WorkspaceId) -> String {
+    format!("{id}-root.qcow2")
+}
+
+pub fn seed_file_name(id: &WorkspaceId) -> String {
+    format!("{id}-seed.img")
+}
+
+/// Loads the daemon's SSH key from the state dir, generating it on first start.
+fn daemon_key(layout: &Layout) -> Result<KeyPair> {
+    let private = layout.keys().join("id_ed25519");
+    let public = layout.keys().join("id_ed25519.pub");
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .map_err(|e| Error::Internal(format!("cannot read {}: {e}", p.display())))
+    };
+    if private.exists() && public.exists() {
+        return Ok(KeyPair {
+            private: read(&private)?,
+            public: read(&public)?.trim().to_owned(),
+        });
+    }
+    let pair = cloudinit::generate_ed25519(&layout.tmp(), "aetherd")?;
+    let write = |p: &std::path::Path, s: &str, mode: u32| -> Result<()> {
+        std::fs::write(p, s)
+            .map_err(|e| Error::Internal(format!("cannot write {}: {e}", p.display())))?;
+        images::set_mode(p, mode)
+    };
+    write(&private, &pair.private, 0o600)?;
+    write(&public, &format!("{}\n", pair.public), 0o644)?;
+    tracing::info!(key = %public.display(), "generated the daemon's SSH key");
+    Ok(pair)
 }
 
 /// A random (version 4) UUID for a new domain.

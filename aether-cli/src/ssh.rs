@@ -1,0 +1,435 @@
+//! SSH into workspaces through the daemon: `aether workspace ssh` runs the system `ssh` with
+//! `aether workspace proxy` as its ProxyCommand; the proxy bridges stdin/stdout to the
+//! daemon's `Tunnel` RPC, which connects to the guest.
+//!
+//! ```text
+//!  ssh ──stdin/stdout── aether workspace proxy ──Tunnel RPC── aetherd ──TCP── guest:22
+//! ```
+//!
+//! The guest's host key comes from the daemon and is pinned in a known_hosts file of its own,
+//! with `StrictHostKeyChecking=yes`: never trust on first use. ssh runs the ProxyCommand
+//! through a shell, so everything in it is validated (workspace id) or single-quoted, and a
+//! path that cannot be quoted safely is refused.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use aether_proto::v1 as pb;
+use anyhow::{anyhow, bail, Context};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::client::Client;
+use crate::{identity, output};
+
+/// Largest chunk of stdin in one tunnel message.
+const CHUNK: usize = 32 * 1024;
+
+/// `^ws-[a-z0-9]{6}$`, the daemon's workspace id rule.
+pub fn valid_workspace_id(id: &str) -> bool {
+    id.len() == 9
+        && id.starts_with("ws-")
+        && id[3..]
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+fn check_workspace_id(id: &str) -> anyhow::Result<()> {
+    if !valid_workspace_id(id) {
+        bail!(
+            "invalid workspace id {id:?}: expected ws- followed by 6 lowercase letters or digits"
+        );
+    }
+    Ok(())
+}
+
+/// `path` as a single-quoted shell word. ssh expands `%` tokens in the ProxyCommand before the
+/// shell sees it, so `%` is doubled. Refused: non-UTF-8, `'` (cannot be single-quoted), `\`
+/// (some shells, e.g. fish, treat it specially inside single quotes) and control characters
+/// (a newline would end ssh's option line).
+fn shell_quote_path(what: &str, path: &Path) -> anyhow::Result<String> {
+    let s = path
+        .to_str()
+        .ok_or_else(|| anyhow!("{what} {} is not valid UTF-8", path.display()))?;
+    if let Some(c) = s
+        .chars()
+        .find(|c| *c == '\'' || *c == '\\' || c.is_control())
+    {
+        let c = match c {
+            '\'' => "a single quote",
+            '\\' => "a backslash",
+            _ => "a control character",
+        };
+        bail!("{what} {s:?} contains {c}, which cannot be passed safely to ssh's ProxyCommand");
+    }
+    Ok(format!("'{}'", s.replace('%', "%%")))
+}
+
+/// `path` as the value of an ssh option that accepts `%` tokens and several words (like
+/// UserKnownHostsFile): double-quoted, `%` doubled.
+fn ssh_option_path(what: &str, path: &Path) -> anyhow::Result<String> {
+    let s = path
+        .to_str()
+        .ok_or_else(|| anyhow!("{what} {} is not valid UTF-8", path.display()))?;
+    if s.chars().any(|c| c == '"' || c.is_control()) {
+        bail!("{what} {s:?} contains a double quote or a control character, which ssh cannot take in an option");
+    }
+    Ok(format!("\"{}\"", s.replace('%', "%%")))
+}
+
+/// The ProxyCommand that reaches workspace `id` through the daemon at `socket`.
+pub fn proxy_command(exe: &Path, socket: &Path, id: &str) -> anyhow::Result<String> {
+    check_workspace_id(id)?;
+    Ok(format!(
+        "{} --socket {} workspace proxy {id}",
+        shell_quote_path("the aether executable's path", exe)?,
+        shell_quote_path("the socket path", socket)?,
+    ))
+}
+
+/// What `ssh` is run with (without argv[0]).
+pub struct SshInvocation<'a> {
+    pub exe: &'a Path,
+    pub socket: &'a Path,
+    pub id: &'a str,
+    pub known_hosts: &'a Path,
+    pub private_key: &'a Path,
+    pub login_user: &'a str,
+    pub command: &'a [String],
+}
+
+impl SshInvocation<'_> {
+    pub fn args(&self) -> anyhow::Result<Vec<OsString>> {
+        let proxy = proxy_command(self.exe, self.socket, self.id)?;
+        if !identity::valid_login(self.login_user) {
+            bail!(
+                "workspace {} has an invalid login user {:?}",
+                self.id,
+                self.login_user
+            );
+        }
+        let known_hosts = ssh_option_path("the known_hosts path", self.known_hosts)?;
+        // `-i` takes the path as one word but expands `%` tokens in it.
+        let key = self
+            .private_key
+            .to_str()
+            .ok_or_else(|| {
+                anyhow!(
+                    "the private key path {} is not valid UTF-8",
+                    self.private_key.display()
+                )
+            })?
+            .replace('%', "%%");
+        let mut args: Vec<OsString> = [
+            "-o".to_owned(),
+            format!("ProxyCommand={proxy}"),
+            "-o".to_owned(),
+            format!("HostKeyAlias={}", self.id),
+            "-o".to_owned(),
+            format!("UserKnownHostsFile={known_hosts}"),
+            "-o".to_owned(),
+            "StrictHostKeyChecking=yes".to_owned(),
+            "-o".to_owned(),
+            "IdentitiesOnly=yes".to_owned(),
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+        args.push("-i".into());
+        args.push(key.into());
+        for a in ["-l", self.login_user, "-o", "LogLevel=ERROR", self.id] {
+            args.push(a.into());
+        }
+        if !self.command.is_empty() {
+            args.push("--".into());
+            args.extend(self.command.iter().map(OsString::from));
+        }
+        Ok(args)
+    }
+}
+
+/// Why `w` cannot be reached over SSH, if it cannot.
+fn ssh_refusal(w: &pb::Workspace) -> Option<String> {
+    if w.state != pb::WorkspaceState::Running as i32 {
+        return Some(format!(
+            "workspace {} is {}: start it with `aether workspace start {}`",
+            w.id,
+            output::state_name(w.state),
+            w.id
+        ));
+    }
+    if w.ip_addresses.is_empty() {
+        return Some(format!("workspace {} has no IP address", w.id));
+    }
+    if w.ssh_host_public_key.trim().is_empty() {
+        // Without the key ssh would have to trust whatever answers: refuse instead.
+        return Some(format!(
+            "workspace {} has no SSH host key; it was not created with SSH access",
+            w.id
+        ));
+    }
+    None
+}
+
+/// Writes the known_hosts file pinning `w`'s host key under its id (the HostKeyAlias).
+fn write_known_hosts(config_dir: &Path, w: &pb::Workspace) -> anyhow::Result<PathBuf> {
+    let key = w.ssh_host_public_key.trim();
+    if key.contains(['\n', '\r']) {
+        bail!("workspace {} has a malformed SSH host key", w.id);
+    }
+    let dir = config_dir.join("known_hosts");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(&w.id);
+    std::fs::write(&path, format!("{} {key}\n", w.id))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// `aether workspace ssh`: replaces this process with the system `ssh`.
+pub async fn ssh(
+    c: &mut Client,
+    socket: &Path,
+    config_dir: &Path,
+    id: String,
+    command: &[String],
+) -> anyhow::Result<()> {
+    check_workspace_id(&id)?;
+    let w = c
+        .get_workspace(pb::GetWorkspaceRequest { id })
+        .await?
+        .into_inner();
+    check_workspace_id(&w.id)?;
+    if let Some(why) = ssh_refusal(&w) {
+        bail!(why);
+    }
+    let known_hosts = write_known_hosts(config_dir, &w)?;
+    let identity = identity::find_or_create(config_dir)?;
+    let exe = std::env::current_exe().context("cannot find the aether executable's path")?;
+    // The ProxyCommand runs in ssh's working directory, which is ours; an absolute socket
+    // path keeps working wherever that is.
+    let socket = std::path::absolute(socket)
+        .with_context(|| format!("cannot resolve {}", socket.display()))?;
+    let args = SshInvocation {
+        exe: &exe,
+        socket: &socket,
+        id: &w.id,
+        known_hosts: &known_hosts,
+        private_key: &identity.private_key,
+        login_user: &w.login_user,
+        command,
+    }
+    .args()?;
+    let e = Command::new("ssh").args(&args).exec();
+    Err(anyhow!(e).context("cannot run ssh (install openssh-client)"))
+}
+
+/// `aether workspace proxy`: bridges stdin and stdout to `port` of the workspace until the
+/// tunnel ends (the guest closed the connection). The end of stdin half-closes it.
+pub async fn proxy(c: &mut Client, id: String, port: u16) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(pb::TunnelRequest {
+        msg: Some(pb::tunnel_request::Msg::Open(pb::TunnelOpen {
+            workspace_id: id,
+            port: port.into(),
+        })),
+    })
+    .await
+    .expect("the receiver is alive");
+    // Plain blocking reads on a thread of their own: tokio's stdin cannot be cancelled, and a
+    // read still pending when the guest closes must not keep the process alive.
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let msg = pb::TunnelRequest {
+                        msg: Some(pb::tunnel_request::Msg::Data(buf[..n].to_vec())),
+                    };
+                    if tx.blocking_send(msg).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    eprintln!("aether: cannot read stdin: {e}");
+                    break;
+                }
+            }
+        }
+        // Dropping `tx` ends the request stream: the daemon half-closes the guest connection.
+    });
+    let mut responses = c.tunnel(ReceiverStream::new(rx)).await?.into_inner();
+    // Blocking writes are fine here: they only hold back reading more of the tunnel, which is
+    // the back-pressure we want, and ssh reads its ProxyCommand's output in its own loop.
+    let mut stdout = std::io::stdout();
+    while let Some(msg) = responses.message().await? {
+        match stdout.write_all(&msg.data).and_then(|()| stdout.flush()) {
+            Ok(()) => {}
+            // Nobody reads any more (ssh exited): the tunnel has no purpose left.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e).context("cannot write to stdout"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workspace(state: pb::WorkspaceState) -> pb::Workspace {
+        pb::Workspace {
+            id: "ws-abc123".into(),
+            state: state as i32,
+            ip_addresses: vec!["192.168.122.10".into()],
+            login_user: "dev".into(),
+            ssh_host_public_key: "ssh-ed25519 AAAAC3Nza host".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn workspace_ids() {
+        assert!(valid_workspace_id("ws-abc123"));
+        for bad in [
+            "ws-ABC123",
+            "ws-abc12",
+            "ws-abc1234",
+            "xx-abc123",
+            "ws-abc12;",
+            "",
+        ] {
+            assert!(!valid_workspace_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn proxy_command_quotes_paths() {
+        let cmd = proxy_command(
+            Path::new("/usr/local/bin/aether"),
+            Path::new("/run/aether/aetherd.sock"),
+            "ws-abc123",
+        )
+        .unwrap();
+        assert_eq!(
+            cmd,
+            "'/usr/local/bin/aether' --socket '/run/aether/aetherd.sock' workspace proxy ws-abc123"
+        );
+        // Spaces and shell syntax stay inside the quotes; `%` survives ssh's token expansion.
+        let cmd = proxy_command(
+            Path::new("/home/a b/$(x)/aether"),
+            Path::new("/tmp/100%/s;ock"),
+            "ws-abc123",
+        )
+        .unwrap();
+        assert_eq!(
+            cmd,
+            "'/home/a b/$(x)/aether' --socket '/tmp/100%%/s;ock' workspace proxy ws-abc123"
+        );
+    }
+
+    #[test]
+    fn proxy_command_refuses_what_it_cannot_quote() {
+        let exe = Path::new("/usr/bin/aether");
+        let sock = Path::new("/run/aether/aetherd.sock");
+        let e = proxy_command(Path::new("/tmp/it's/aether"), sock, "ws-abc123").unwrap_err();
+        assert!(e.to_string().contains("executable"), "{e}");
+        assert!(e.to_string().contains("single quote"), "{e}");
+        let e = proxy_command(exe, Path::new("/tmp/o'neil.sock"), "ws-abc123").unwrap_err();
+        assert!(e.to_string().contains("socket path"), "{e}");
+        assert!(proxy_command(exe, Path::new("/tmp/a\nb"), "ws-abc123").is_err());
+        assert!(proxy_command(exe, Path::new("/tmp/a\\b"), "ws-abc123").is_err());
+        let e = proxy_command(exe, sock, "ws-abc123; rm -rf ~").unwrap_err();
+        assert!(e.to_string().contains("invalid workspace id"), "{e}");
+    }
+
+    #[test]
+    fn ssh_arguments() {
+        let command = vec!["uname".to_owned(), "-a".to_owned()];
+        let inv = SshInvocation {
+            exe: Path::new("/usr/bin/aether"),
+            socket: Path::new("/run/aether/aetherd.sock"),
+            id: "ws-abc123",
+            known_hosts: Path::new("/home/dev/.config/aether/known_hosts/ws-abc123"),
+            private_key: Path::new("/home/dev/.ssh/id_ed25519"),
+            login_user: "dev",
+            command: &command,
+        };
+        let args = inv.args().unwrap();
+        let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            args,
+            [
+                "-o",
+                "ProxyCommand='/usr/bin/aether' --socket '/run/aether/aetherd.sock' workspace proxy ws-abc123",
+                "-o",
+                "HostKeyAlias=ws-abc123",
+                "-o",
+                "UserKnownHostsFile=\"/home/dev/.config/aether/known_hosts/ws-abc123\"",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-i",
+                "/home/dev/.ssh/id_ed25519",
+                "-l",
+                "dev",
+                "-o",
+                "LogLevel=ERROR",
+                "ws-abc123",
+                "--",
+                "uname",
+                "-a",
+            ]
+        );
+        let no_command = SshInvocation {
+            command: &[],
+            ..inv
+        };
+        let args = no_command.args().unwrap();
+        assert_eq!(args.last().unwrap(), "ws-abc123");
+        let bad_user = SshInvocation {
+            login_user: "-oProxyCommand=x",
+            command: &[],
+            ..inv
+        };
+        assert!(bad_user.args().is_err());
+    }
+
+    #[test]
+    fn ssh_needs_a_running_workspace_with_an_address_and_a_host_key() {
+        assert_eq!(ssh_refusal(&workspace(pb::WorkspaceState::Running)), None);
+        let why = ssh_refusal(&workspace(pb::WorkspaceState::Stopped)).unwrap();
+        assert_eq!(
+            why,
+            "workspace ws-abc123 is stopped: start it with `aether workspace start ws-abc123`"
+        );
+        let mut w = workspace(pb::WorkspaceState::Running);
+        w.ip_addresses.clear();
+        assert!(ssh_refusal(&w).unwrap().contains("has no IP address"));
+        let mut w = workspace(pb::WorkspaceState::Running);
+        w.ssh_host_public_key.clear();
+        assert!(ssh_refusal(&w).unwrap().contains("no SSH host key"));
+    }
+
+    #[test]
+    fn known_hosts_pins_the_key_under_the_workspace_id() {
+        let dir = std::env::temp_dir().join(format!("aether-ssh-test-{}", std::process::id()));
+        let w = workspace(pb::WorkspaceState::Running);
+        let path = write_known_hosts(&dir, &w).unwrap();
+        assert_eq!(path, dir.join("known_hosts").join("ws-abc123"));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "ws-abc123 ssh-ed25519 AAAAC3Nza host\n"
+        );
+        let mut w = w;
+        w.ssh_host_public_key = "ssh-ed25519 AAAA\nws-evil ssh-ed25519 BBBB".into();
+        assert!(write_known_hosts(&dir, &w).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
