@@ -68,16 +68,16 @@ fn shell_quote_path(what: &str, path: &Path) -> anyhow::Result<String> {
     Ok(format!("'{}'", s.replace('%', "%%")))
 }
 
-/// `path` as the value of an ssh option that accepts `%` tokens and several words (like
-/// UserKnownHostsFile): double-quoted, `%` doubled.
-fn ssh_option_path(what: &str, path: &Path) -> anyhow::Result<String> {
+/// `path` for ssh options that expand `%` tokens and `${VAR}` in paths (UserKnownHostsFile,
+/// `-i`): `%` doubled; `${`, `"` and control characters refused (there is no escape for them).
+fn ssh_path(what: &str, path: &Path) -> anyhow::Result<String> {
     let s = path
         .to_str()
         .ok_or_else(|| anyhow!("{what} {} is not valid UTF-8", path.display()))?;
-    if s.chars().any(|c| c == '"' || c.is_control()) {
-        bail!("{what} {s:?} contains a double quote or a control character, which ssh cannot take in an option");
+    if s.contains("${") || s.chars().any(|c| c == '"' || c.is_control()) {
+        bail!("{what} {s:?} contains `${{`, a double quote or a control character, which ssh cannot take");
     }
-    Ok(format!("\"{}\"", s.replace('%', "%%")))
+    Ok(s.replace('%', "%%"))
 }
 
 /// The ProxyCommand that reaches workspace `id` through the daemon at `socket`.
@@ -111,18 +111,13 @@ impl SshInvocation<'_> {
                 self.login_user
             );
         }
-        let known_hosts = ssh_option_path("the known_hosts path", self.known_hosts)?;
-        // `-i` takes the path as one word but expands `%` tokens in it.
-        let key = self
-            .private_key
-            .to_str()
-            .ok_or_else(|| {
-                anyhow!(
-                    "the private key path {} is not valid UTF-8",
-                    self.private_key.display()
-                )
-            })?
-            .replace('%', "%%");
+        // UserKnownHostsFile takes several paths separated by spaces, so one is double-quoted;
+        // `-i` takes its argument as one path.
+        let known_hosts = format!(
+            "\"{}\"",
+            ssh_path("the known_hosts path", self.known_hosts)?
+        );
+        let key = ssh_path("the private key path", self.private_key)?;
         let mut args: Vec<OsString> = [
             "-o".to_owned(),
             format!("ProxyCommand={proxy}"),
@@ -393,6 +388,24 @@ mod tests {
         };
         let args = no_command.args().unwrap();
         assert_eq!(args.last().unwrap(), "ws-abc123");
+        let odd_paths = SshInvocation {
+            known_hosts: Path::new("/home/a b/100%/known_hosts/ws-abc123"),
+            private_key: Path::new("/home/a b/100%/id"),
+            command: &[],
+            ..inv
+        };
+        let args = odd_paths.args().unwrap();
+        assert_eq!(
+            args[5],
+            "UserKnownHostsFile=\"/home/a b/100%%/known_hosts/ws-abc123\""
+        );
+        assert_eq!(args[11], "/home/a b/100%%/id");
+        let env_in_path = SshInvocation {
+            private_key: Path::new("/home/${USER}/id"),
+            command: &[],
+            ..inv
+        };
+        assert!(env_in_path.args().is_err());
         let bad_user = SshInvocation {
             login_user: "-oProxyCommand=x",
             command: &[],

@@ -38,6 +38,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("cannot prepare storage pool, network or keys")?;
     manager.reconcile().await.context("reconcile failed")?;
+    manager.watch_events();
 
     tracing::info!(socket = %socket.display(), "serving");
     crate::notify::ready();

@@ -314,6 +314,8 @@ EOF
 cat >"$R/etc/aether/rc.boot" <<'EOF'
 #!/bin/sh
 # aether test guest boot (busybox init sysinit). Values from the seed are validated before use.
+# Debian's busybox ash runs its own applets before searching PATH, so programs that busybox
+# also provides (mke2fs) are called by absolute path.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 say() { echo "aether-testguest: $*"; }
 umask 022
@@ -340,8 +342,8 @@ mkdir -p /run/cloud
 seeddev=
 n=0
 while [ -z "$seeddev" ] && [ "$n" -lt 50 ]; do
-    seeddev=$(blkid -c /dev/null -o device -t LABEL=cidata 2>/dev/null | head -n 1)
-    [ -n "$seeddev" ] || seeddev=$(blkid -c /dev/null -o device -t LABEL=CIDATA 2>/dev/null | head -n 1)
+    seeddev=$(/usr/sbin/blkid -c /dev/null -o device -t LABEL=cidata 2>/dev/null | head -n 1)
+    [ -n "$seeddev" ] || seeddev=$(/usr/sbin/blkid -c /dev/null -o device -t LABEL=CIDATA 2>/dev/null | head -n 1)
     [ -n "$seeddev" ] || { usleep 100000; n=$((n + 1)); }
 done
 if [ -n "$seeddev" ] && mount -o ro "$seeddev" "$SEED"; then
@@ -368,18 +370,18 @@ printf '127.0.0.1 localhost\n127.0.1.1 %s\n::1 localhost\n' "$name" >/etc/hosts
 # 6. persistent disk /dev/vda -> /data (formatted ext4 if blank); /home lives on it
 wait_for -b /dev/vda 30 || true
 if [ -b /dev/vda ]; then
-    fstype=$(blkid -o value -s TYPE /dev/vda 2>/dev/null || true)
+    fstype=$(/usr/sbin/blkid -c /dev/null -o value -s TYPE /dev/vda 2>/dev/null || true)
     if [ -z "$fstype" ]; then
         say "formatting blank /dev/vda as ext4"
-        mke2fs -q -F -t ext4 -L aether-data -m 1 /dev/vda
+        /usr/sbin/mke2fs -q -F -t ext4 -L aether-data -m 1 /dev/vda
         fstype=ext4
     fi
     case "$fstype" in
     ext2|ext3|ext4)
-        e2fsck -p /dev/vda >/dev/null 2>&1
+        /usr/sbin/e2fsck -p /dev/vda >/dev/null 2>&1
         rc=$?
         [ "$rc" -le 1 ] || say "e2fsck /dev/vda exited $rc"
-        resize2fs /dev/vda >/dev/null 2>&1 || true   # grow to the volume's size
+        /usr/sbin/resize2fs /dev/vda >/dev/null 2>&1 || true   # grow to the volume's size
         ;;
     esac
     if mount -o noatime /dev/vda /data; then
@@ -424,18 +426,18 @@ fi
 # 4. SSH host key: the seed's ed25519 key, else one kept on /data, else a fresh one
 HK=/etc/dropbear/dropbear_ed25519_host_key
 if [ -s /run/cloud/ed25519_private ] &&
-    dropbearconvert openssh dropbear /run/cloud/ed25519_private "$HK" >/dev/null 2>&1; then
+    /usr/bin/dropbearconvert openssh dropbear /run/cloud/ed25519_private "$HK" >/dev/null 2>&1; then
     say "host key from seed"
 elif [ -s /data/aether/dropbear_ed25519_host_key ]; then
     cp /data/aether/dropbear_ed25519_host_key "$HK"
 else
-    dropbearkey -t ed25519 -f "$HK" >/dev/null 2>&1
+    /usr/bin/dropbearkey -t ed25519 -f "$HK" >/dev/null 2>&1
     [ -d /data/aether ] && cp "$HK" /data/aether/dropbear_ed25519_host_key
     say "generated host key"
 fi
 chmod 0600 "$HK"
 rm -f /run/cloud/ed25519_private
-say "host key $(dropbearkey -y -f "$HK" 2>/dev/null | grep '^ssh-ed25519' | cut -d' ' -f1,2)"
+say "host key $(/usr/bin/dropbearkey -y -f "$HK" 2>/dev/null | grep '^ssh-ed25519' | cut -d' ' -f1,2)"
 
 # 1. network: eth0 via DHCP (udhcpc stays in the background for renewals)
 if wait_for -e /sys/class/net/eth0 30; then

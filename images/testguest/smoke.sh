@@ -27,7 +27,7 @@ STOP_TIMEOUT=60
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SELF="$HERE/$(basename "${BASH_SOURCE[0]}")"
 
-log() { printf 'smoke: %s\n' "$*" >&2; }
+log() { printf 'smoke: [%s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
@@ -38,6 +38,7 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 inner() {
     local WORK=$1 IMG=$2
     local PASS=0 FAIL=0
+    if [ -n "${TESTGUEST_SMOKE_TRACE:-}" ]; then PS4='+[$(date +%T.%N | cut -c1-12)] '; set -x; fi
     ok() { log "ok: $*"; PASS=$((PASS + 1)); }
     bad() { log "FAIL: $*"; FAIL=$((FAIL + 1)); }
 
@@ -50,11 +51,24 @@ inner() {
     cp -a /etc/libvirt/. "$WORK/etc-libvirt/"
     mount --bind "$WORK/etc-libvirt" /etc/libvirt
     mkdir -p /var/lib/libvirt/images /var/log/libvirt/qemu
+    # libvirt 9.0 probes QEMU with CAP_DAC_OVERRIDE (so KVM looks present) but then checks
+    # /dev/kvm as the libvirt-qemu user; on a host without udev /dev/kvm is root-only 0600, the
+    # two disagree and every capability lookup re-probes QEMU (~4 s each, ~50 s per virsh define).
+    # Give this namespace a /dev/kvm the kvm group can open, as Debian's udev rule would; the
+    # guest still runs under TCG (<domain type='qemu'>). The host's /dev/kvm is not changed.
+    if [ -c /dev/kvm ] && ! su -s /bin/sh libvirt-qemu -c 'test -r /dev/kvm -a -w /dev/kvm' 2>/dev/null; then
+        mkdir -p /run/libvirt/dev
+        mount -t tmpfs -o mode=0755 tmpfs /run/libvirt/dev
+        mknod -m 0660 /run/libvirt/dev/kvm c $((16#$(stat -c '%t' /dev/kvm))) $((16#$(stat -c '%T' /dev/kvm)))
+        chgrp kvm /run/libvirt/dev/kvm
+        mount --bind /run/libvirt/dev/kvm /dev/kvm
+    fi
     ip link set lo up
 
-    local LIBVIRTD_PID=/run/libvirt/aether-tg-libvirtd.pid VIRTLOGD_PID=/run/libvirt/aether-tg-virtlogd.pid
+    LIBVIRTD_PID=/run/libvirt/aether-tg-libvirtd.pid VIRTLOGD_PID=/run/libvirt/aether-tg-virtlogd.pid
     cleanup_inner() {
         set +e
+        log "cleaning up domain, network, libvirtd"
         virsh -q destroy "$NAME" >/dev/null 2>&1
         virsh -q undefine "$NAME" >/dev/null 2>&1
         virsh -q net-destroy "$NAME" >/dev/null 2>&1
@@ -66,6 +80,7 @@ inner() {
     }
     trap cleanup_inner EXIT
 
+    log "starting virtlogd and libvirtd"
     virtlogd -d -p "$VIRTLOGD_PID"
     libvirtd -d -p "$LIBVIRTD_PID"
     export LIBVIRT_DEFAULT_URI=qemu:///system
@@ -91,9 +106,11 @@ inner() {
   </ip>
 </network>
 EOF
+    log "creating network $NAME ($NET_PREFIX.0/24)"
     virsh -q net-create "$WORK/net.xml" >/dev/null
 
     # ---- keys and seed
+    log "network up; writing keys, seed ISO, overlay, domain"
     rm -f "$WORK"/id_ed25519* "$WORK"/hostkey*
     ssh-keygen -q -t ed25519 -N '' -C "aether-smoke-client" -f "$WORK/id_ed25519"
     ssh-keygen -q -t ed25519 -N '' -C "aether-smoke-host" -f "$WORK/hostkey"
@@ -166,6 +183,7 @@ EOF
 </domain>
 EOF
     virsh -q define "$WORK/domain.xml" >/dev/null
+    log "domain defined"
 
     SSH=(ssh -F /dev/null -i "$WORK/id_ed25519" -o IdentitiesOnly=yes -o BatchMode=yes
         -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$WORK/known_hosts"
@@ -196,9 +214,13 @@ EOF
     }
 
     # ---- first boot
+    log "booting $NAME"
     local t0 ssh1 ssh2 ready1 ready2 stop1 out token
     t0=$(now)
     virsh -q start "$NAME" >/dev/null
+    out=$(ps -o args= -C qemu-system-x86_64 | grep -F -- "guest=$NAME," |
+        grep -o -- '-accel [a-z]*\|accel=[a-z:]*' | head -n 1 || true)
+    case "$out" in *tcg*) ok "qemu runs with TCG ($out)" ;; *) bad "qemu accelerator: '$out'" ;; esac
     ready1=$(ready_time "$t0" 1)
     if ssh1=$(wait_ssh "$t0"); then
         ok "first boot: SSH answered ${ssh1}s after virsh start (ready line at ${ready1}s)"
@@ -242,9 +264,21 @@ EOF
         bad "second boot: no SSH within ${SSH_TIMEOUT}s"
     fi
 
+    # ---- hard stop (virsh destroy), third boot: the journal recovers, the file is still there
+    local ssh3=
+    virsh -q destroy "$NAME" >/dev/null
+    t0=$(now)
+    virsh -q start "$NAME" >/dev/null
+    if ssh3=$(wait_ssh "$t0"); then
+        out=$("${SSH[@]}" 'cat "$HOME/persist.txt"' </dev/null 2>&1 || true)
+        if [ "$out" = "$token" ]; then ok "file survived virsh destroy (boot3 SSH ${ssh3}s)"; else bad "after destroy: got '$out'"; fi
+    else
+        bad "third boot (after destroy): no SSH within ${SSH_TIMEOUT}s"
+    fi
+
     virsh -q destroy "$NAME" >/dev/null 2>&1 || true
     log "console log: $WORK/console.log"
-    log "timings: boot1->ssh ${ssh1:-?}s (ready ${ready1}s), acpi-stop ${stop1:-?}s, boot2->ssh ${ssh2:-?}s (ready ${ready2:-?}s)"
+    log "timings: boot1->ssh ${ssh1:-?}s (ready ${ready1}s), acpi-stop ${stop1:-?}s, boot2->ssh ${ssh2:-?}s (ready ${ready2:-?}s), boot3 (after destroy)->ssh ${ssh3:-?}s"
     echo "testguest smoke: $PASS passed, $FAIL failed"
     [ "$FAIL" = 0 ]
 }
@@ -312,6 +346,7 @@ cleanup_outer() {
 }
 trap cleanup_outer EXIT
 
+log "creating network namespace $NS"
 ip netns add "$NS"
 rc=0
 ip netns exec "$NS" unshare --mount --propagation private -- bash "$SELF" --inner "$WORK" "$IMG" || rc=$?

@@ -5,6 +5,8 @@
 //! carries the aether element with that same id. A domain with the right name but without the
 //! element belongs to someone else and is never redefined, stopped or undefined.
 
+pub mod accel;
+pub mod events;
 pub mod xml;
 
 use std::time::Duration;
@@ -51,6 +53,8 @@ pub struct HostVersions {
 
 pub struct Hypervisor {
     conn: Connect,
+    /// Lifecycle events, until [`Hypervisor::take_events`] hands them to their consumer.
+    events: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<events::DomainEvent>>>,
     uri: String,
     timeout: Duration,
     domain_type: DomainType,
@@ -111,9 +115,13 @@ impl Hypervisor {
         // libvirt's default handler prints every error (including the expected "domain not
         // found" of a lookup) to stderr; errors reach us as return values instead.
         virt::error::clear_error_callback();
+        events::start_event_loop();
         let owned_uri = uri.to_owned();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let conn = run_blocking("virConnectOpen", timeout, move || {
-            Connect::open(Some(&owned_uri)).map_err(Error::from)
+            let conn = Connect::open(Some(&owned_uri)).map_err(Error::from)?;
+            events::subscribe(&conn, tx)?;
+            Ok(conn)
         })
         .await?;
         let domain_type = if uri.starts_with("test:") {
@@ -123,19 +131,34 @@ impl Hypervisor {
                 Accel::Kvm => DomainType::Kvm,
                 Accel::Tcg => DomainType::Qemu,
                 Accel::Auto => {
-                    tracing::warn!(
-                        "accel = auto: KVM is not probed yet, using TCG (set accel = \"kvm\" to force KVM)"
-                    );
-                    DomainType::Qemu
+                    let scratch = std::env::temp_dir();
+                    let (kvm, why) = tokio::task::spawn_blocking(move || {
+                        accel::auto_choose(Path::new("/usr/bin/qemu-system-x86_64"), &scratch)
+                    })
+                    .await
+                    .map_err(|e| Error::Internal(format!("accelerator probe panicked: {e}")))?;
+                    if kvm {
+                        tracing::info!(reason = %why, "accelerator: kvm");
+                        DomainType::Kvm
+                    } else {
+                        tracing::warn!(reason = %why, "accelerator: tcg (software emulation, slower)");
+                        DomainType::Qemu
+                    }
                 }
             }
         };
         Ok(Self {
             conn,
+            events: std::sync::Mutex::new(Some(rx)),
             uri: uri.to_owned(),
             timeout,
             domain_type,
         })
+    }
+
+    /// The lifecycle event stream (once).
+    pub fn take_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<events::DomainEvent>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     pub fn uri(&self) -> &str {
@@ -168,6 +191,7 @@ impl Hypervisor {
     /// Makes sure the dir pool `aether` at `path` exists, is active and autostarts.
     pub async fn ensure_pool(&self, path: &Path) -> Result<()> {
         let xml = xml::pool_xml(POOL_NAME, path);
+        let path = path.to_owned();
         self.call("virStoragePoolCreate", move |c| {
             let p = match c.lookup_storage_pool_by_name(POOL_NAME) {
                 Ok(p) => p,
@@ -179,6 +203,14 @@ impl Hypervisor {
                 }
                 Err(e) => return Err(e.into()),
             };
+            let xml_now = p.xml_desc(0)?;
+            let want = format!("<path>{}</path>", path.display());
+            if !xml_now.contains(&want) {
+                return Err(Error::FailedPrecondition(format!(
+                    "libvirt storage pool {POOL_NAME} exists but is not at {}; remove it (virsh pool-destroy {POOL_NAME}; virsh pool-undefine {POOL_NAME}) or point state_dir at it",
+                    path.display()
+                )));
+            }
             if !p.is_active()? {
                 p.create(0)?;
             }

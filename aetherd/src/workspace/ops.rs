@@ -16,7 +16,8 @@ use std::time::Duration;
 use crate::cloudinit::{self, KeyPair};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::hypervisor::Boot;
+use crate::hypervisor::events::DomainEvent;
+use crate::hypervisor::{Boot, DomainType};
 use crate::hypervisor::{DomainSpec, DomainStatus, Hypervisor};
 use crate::images::{self, BootMode, Image, ImageName, Layout};
 use crate::model::{
@@ -471,9 +472,7 @@ impl Manager {
         }
         self.store.delete_image(&name)?;
         self.hv.delete_volume(&name.volume_name()).await?;
-        for path in [self.layout.pool().join(name.volume_name())] {
-            let _ = std::fs::remove_file(path);
-        }
+        let _ = std::fs::remove_file(self.layout.pool().join(name.volume_name()));
         let _ = std::fs::remove_dir_all(self.layout.boot_dir(&name));
         tracing::info!(image = %name, "image deleted");
         Ok(())
@@ -522,22 +521,138 @@ impl Manager {
         let booted = async {
             self.hv.define(&self.spec(&ws)?).await?;
             self.hv.start(&ws.id).await?;
-            match self.hv.status(&ws.id).await? {
-                DomainStatus::Active => Ok(()),
-                other => Err(Error::Libvirt(format!(
-                    "domain is {other:?} right after it was started"
-                ))),
-            }
+            self.wait_ready(&ws).await
         }
         .await;
         let result = match booted {
-            Ok(()) => self.apply(&ws, Event::Ready, ""),
+            Ok(Readiness::Ready) => self.apply(&ws, Event::Ready, ""),
+            Ok(Readiness::Superseded) => return,
             Err(e) => {
                 tracing::warn!(workspace = %ws.id, error = %e, "start failed");
-                self.apply(&ws, Event::BootFailed, &format!("start failed: {e}"))
+                let reason = format!("start failed: {e}{}", self.console_hint(&ws.id));
+                // Record the failure before powering off, so the power-off event finds the
+                // workspace already in `error`.
+                let recorded = self.apply(&ws, Event::BootFailed, &reason);
+                if recorded.is_ok() {
+                    if let Err(e) = self.hv.destroy(&ws.id).await {
+                        tracing::warn!(workspace = %ws.id, error = %e, "cannot power off the failed VM");
+                    }
+                }
+                recorded
             }
         };
         log_background(&ws.id, "start", result);
+    }
+
+    fn boot_timeout(&self) -> Duration {
+        let secs = self
+            .config
+            .boot_timeout_secs
+            .unwrap_or(match self.hv.domain_type() {
+                DomainType::Kvm => 120,
+                DomainType::Qemu | DomainType::Test => 300,
+            });
+        Duration::from_secs(secs)
+    }
+
+    /// Waits until the guest's SSH port sends its banner. The test driver has no guest, so
+    /// there the running domain is ready. Gives up when the boot timeout passes, when the VM
+    /// stops, and (without error) when someone else changed the workspace's state.
+    async fn wait_ready(&self, ws: &Workspace) -> Result<Readiness> {
+        if self.hv.domain_type() == DomainType::Test {
+            return match self.hv.status(&ws.id).await? {
+                DomainStatus::Active => Ok(Readiness::Ready),
+                other => Err(Error::Libvirt(format!(
+                    "domain is {other:?} right after it was started"
+                ))),
+            };
+        }
+        let ip = ws
+            .ip
+            .ok_or_else(|| Error::precondition(format!("workspace {} has no IP address", ws.id)))?;
+        let timeout = self.boot_timeout();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.store.get_workspace(&ws.id, None)?.generation != ws.generation {
+                return Ok(Readiness::Superseded);
+            }
+            if self.hv.status(&ws.id).await? != DomainStatus::Active {
+                return Err(Error::Internal("the VM stopped while booting".into()));
+            }
+            if ssh_banner(std::net::SocketAddr::from((ip, 22))).await {
+                return Ok(Readiness::Ready);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Internal(format!(
+                    "the guest did not answer SSH on {ip}:22 within {} s",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// " (last console lines: …)" for reasons, or "" without a console log.
+    fn console_hint(&self, id: &WorkspaceId) -> String {
+        let tail = tail(&self.layout.console_log(id), 4096).unwrap_or_default();
+        let text = String::from_utf8_lossy(&tail);
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        if lines.is_empty() {
+            return String::new();
+        }
+        let last = lines[lines.len().saturating_sub(3)..].join(" | ");
+        let last: String = last.chars().filter(|c| !c.is_control()).take(300).collect();
+        format!("; console: {last} (aether workspace logs {id} --console)")
+    }
+
+    /// Applies libvirt lifecycle events to the workspaces they concern, until the stream ends.
+    pub fn watch_events(self: &Arc<Self>) {
+        let Some(mut rx) = self.hv.take_events() else {
+            return;
+        };
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                this.on_event(ev);
+            }
+        });
+    }
+
+    fn on_event(&self, ev: DomainEvent) {
+        let Some(id) = ev
+            .domain()
+            .strip_prefix("aether-")
+            .and_then(|id| WorkspaceId::parse(id).ok())
+        else {
+            return;
+        };
+        let Ok(ws) = self.store.get_workspace(&id, None) else {
+            return;
+        };
+        let result = match (&ev, ws.state) {
+            (DomainEvent::ShutOff { .. }, State::Stopping) => {
+                self.apply(&ws, Event::PoweredOff, "")
+            }
+            (DomainEvent::ShutOff { .. }, _) => {
+                self.apply(&ws, Event::PoweredOff, "the guest powered itself off")
+            }
+            (DomainEvent::Destroyed { .. }, _) => self.apply(
+                &ws,
+                Event::PoweredOff,
+                "the VM was powered off outside aether",
+            ),
+            (DomainEvent::Crashed { .. }, _) => self.apply(
+                &ws,
+                Event::Crashed,
+                &format!("qemu crashed or failed{}", self.console_hint(&ws.id)),
+            ),
+        };
+        tracing::debug!(workspace = %id, event = ?ev, "lifecycle event");
+        log_background(&id, "lifecycle event", result);
     }
 
     /// A graceful stop moves the workspace to `stopping` and waits for the guest in the
@@ -563,7 +678,14 @@ impl Manager {
         // Decide first, so a refused request changes nothing.
         state::transition(ws.state, Event::ForceStop)?;
         self.hv.destroy(&ws.id).await?;
-        self.apply(ws, Event::ForceStop, "")
+        match self.apply(ws, Event::ForceStop, "") {
+            // The power-off event (or a boot failure) was recorded first: the VM is off,
+            // which is what was asked for.
+            Err(Error::Conflict { now, .. }) if now.vm_is_off() => {
+                self.store.get_workspace(&ws.id, None)
+            }
+            other => other,
+        }
     }
 
     async fn run_stop(&self, ws: Workspace) {
@@ -676,7 +798,13 @@ impl Manager {
             }
             let active = status == DomainStatus::Active;
             let result = match (ws.state, active) {
-                (State::Starting, true) => self.apply(&ws, Event::Ready, ""),
+                // Booted while the daemon was away: wait for readiness again.
+                (State::Starting, true) => {
+                    let this = Arc::clone(self);
+                    let starting = ws.clone();
+                    tokio::spawn(async move { this.run_start(starting).await });
+                    Ok(ws.clone())
+                }
                 (State::Starting, false) => self.apply(
                     &ws,
                     Event::BootFailed,
@@ -718,6 +846,27 @@ fn log_background(id: &WorkspaceId, what: &str, result: Result<Workspace>) {
             tracing::error!(workspace = %id, error = %e, "{what} could not record its result")
         }
     }
+}
+
+enum Readiness {
+    Ready,
+    /// The workspace's state changed while booting (e.g. it was stopped): not ours to record.
+    Superseded,
+}
+
+/// Whether something at `addr` accepts a TCP connection and sends an SSH banner.
+async fn ssh_banner(addr: std::net::SocketAddr) -> bool {
+    use tokio::io::AsyncReadExt;
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).await.ok()?;
+        Some(&buf == b"SSH-")
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), attempt).await,
+        Ok(Some(true))
+    )
 }
 
 /// An uploaded image waiting to be checked and installed.
