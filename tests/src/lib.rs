@@ -70,6 +70,8 @@ pub struct TestEnv {
     pub config: PathBuf,
     pub libvirt_uri: String,
     daemon: Option<Child>,
+    /// Against a real libvirtd (end-to-end): libvirt objects are removed on drop.
+    real: bool,
 }
 
 impl TestEnv {
@@ -87,9 +89,89 @@ impl TestEnv {
             libvirt_uri: format!("test://{}", host.display()),
             dir,
             daemon: None,
+            real: false,
         };
         env.start_daemon();
         env
+    }
+
+    /// End-to-end: aetherd against the real libvirtd (`qemu:///system`) that
+    /// `scripts/e2e.sh` started in this network namespace, with TCG and the test subnet.
+    /// `extra_config` is appended to the config file.
+    pub fn start_real(extra_config: &str) -> TestEnv {
+        // qemu runs as its own user and must reach the pool and console dirs.
+        let dir = tempfile::Builder::new()
+            .prefix("aether-e2e-")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let config = dir.path().join("aetherd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "accel = \"tcg\"\nnetwork_cidr = \"192.168.150.0/24\"\nstop_timeout_secs = 60\n{extra_config}"
+            ),
+        )
+        .unwrap();
+        let mut env = TestEnv {
+            socket: dir.path().join("aetherd.sock"),
+            state_dir: dir.path().join("state"),
+            config,
+            libvirt_uri: "qemu:///system".to_owned(),
+            dir,
+            daemon: None,
+            real: true,
+        };
+        env.start_daemon();
+        env
+    }
+
+    /// `virsh -c <uri> ARGS`, returning stdout (asserting success).
+    pub fn virsh(&self, args: &[&str]) -> String {
+        let out = Command::new("virsh")
+            .arg("-c")
+            .arg(&self.libvirt_uri)
+            .args(args)
+            .output()
+            .expect("run virsh");
+        assert!(
+            out.status.success(),
+            "virsh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Removes every libvirt object aether made (domains, pool, network), ignoring errors.
+    fn clean_libvirt(&self) {
+        let quiet = |args: &[&str]| {
+            let _ = Command::new("virsh")
+                .arg("-c")
+                .arg(&self.libvirt_uri)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        };
+        let list = Command::new("virsh")
+            .arg("-c")
+            .arg(&self.libvirt_uri)
+            .args(["list", "--all", "--name"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for name in list.lines().filter(|n| n.starts_with("aether-ws-")) {
+            quiet(&["destroy", name]);
+            quiet(&["undefine", name]);
+        }
+        quiet(&["pool-destroy", "aether"]);
+        quiet(&["pool-undefine", "aether"]);
+        quiet(&["net-destroy", "aether"]);
+        quiet(&["net-undefine", "aether"]);
     }
 
     /// A daemon with a small test image `tiny` (1 GiB, qcow2) imported as the default image.
@@ -280,6 +362,9 @@ impl Drop for TestEnv {
         if let Some(mut child) = self.daemon.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if self.real {
+            self.clean_libvirt();
         }
     }
 }

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# End-to-end tests: real libvirtd + qemu (TCG), real guests, real SSH. Run as root; called by
+# scripts/test.sh. Everything runs inside a network namespace created here (guest traffic
+# never leaves it) and a private mount namespace (libvirt's sockets, state and pid files are
+# this run's own, so another libvirtd on the machine is neither seen nor disturbed).
+#
+#   scripts/e2e.sh                 # build guest images if needed, run tests/tests/e2e.rs
+#   AETHER_E2E_DEBIAN=0 scripts/e2e.sh   # skip the (slow) real Debian 12 image test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+NS=aether-e2e
+log() { printf '=== e2e: %s\n' "$*"; }
+die() { printf 'e2e: %s\n' "$*" >&2; exit 1; }
+
+if [ "${1:-}" = --inner ]; then
+  # ---- inside: ip netns exec $NS unshare --mount
+  mount --make-rprivate /
+  for d in /run/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt; do
+    mkdir -p "$d"
+    mount -t tmpfs -o mode=0755 tmpfs "$d"
+  done
+  ETC=$(mktemp -d /tmp/aether-e2e-etc.XXXXXX)
+  cp -a /etc/libvirt/. "$ETC/"
+  mount --bind "$ETC" /etc/libvirt
+  mkdir -p /var/lib/libvirt/images /var/log/libvirt/qemu
+  # libvirt probes qemu as root (KVM looks present) but checks /dev/kvm as libvirt-qemu; on a
+  # host without udev /dev/kvm is root-only and every capability lookup re-probes qemu (~4 s
+  # each). Give this namespace a /dev/kvm the kvm group can open, as Debian's udev rule would.
+  # Guests still run under TCG: aetherd is configured with accel = "tcg".
+  if [ -c /dev/kvm ] && ! su -s /bin/sh libvirt-qemu -c 'test -r /dev/kvm -a -w /dev/kvm' 2>/dev/null; then
+    mkdir -p /run/libvirt/dev
+    mknod -m 0660 /run/libvirt/dev/kvm c $((16#$(stat -c '%t' /dev/kvm))) $((16#$(stat -c '%T' /dev/kvm)))
+    chgrp kvm /run/libvirt/dev/kvm
+    mount --bind /run/libvirt/dev/kvm /dev/kvm
+  fi
+  ip link set lo up
+  cleanup() {
+    set +e
+    for p in /run/libvirt/e2e-libvirtd.pid /run/libvirt/e2e-virtlogd.pid; do
+      [ -s "$p" ] && kill "$(cat "$p")" 2>/dev/null
+    done
+    sleep 1
+    rm -rf "$ETC"
+  }
+  trap cleanup EXIT
+  virtlogd -d -p /run/libvirt/e2e-virtlogd.pid
+  libvirtd -d -p /run/libvirt/e2e-libvirtd.pid
+  for _ in $(seq 60); do virsh -c qemu:///system -q version >/dev/null 2>&1 && break; sleep 0.5; done
+  virsh -c qemu:///system -q version >/dev/null 2>&1 || die "libvirtd did not answer"
+  log "libvirtd up: $(virsh -c qemu:///system version | grep -i 'running hypervisor' | sed 's/.*: //')"
+  results=$(mktemp)
+  rc=0
+  cargo test --offline --locked -p aether-tests --test e2e -- --ignored --test-threads=1 2>&1 \
+    | tee "$results" || rc=$?
+  awk '/^test result:/ { p += $4; f += $6 } END { printf "\ne2e: %d passed, %d failed\n", p, f }' "$results"
+  rm -f "$results"
+  exit "$rc"
+fi
+
+[ "$(id -u)" -eq 0 ] || die "run as root (it starts libvirtd and creates a network namespace)"
+
+RUNTIME=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
+  dnsmasq-base iptables openssh-client iproute2 util-linux)
+missing=()
+for p in "${RUNTIME[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  if ! apt-get install -y -qq --no-install-recommends "${missing[@]}"; then
+    # A newer qemu-utils from another suite blocks the distribution's qemu-system-x86.
+    codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    apt-get install -y -qq --no-install-recommends --allow-downgrades "${missing[@]}" "qemu-utils/$codename"
+  fi
+fi
+
+# libvirtd's QEMU driver needs the user it runs guests as (libvirt-daemon-system makes it).
+getent group kvm >/dev/null || groupadd -r kvm
+getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+id libvirt-qemu >/dev/null 2>&1 ||
+  useradd -r -g libvirt-qemu -G kvm -s /usr/sbin/nologin -d /var/lib/libvirt libvirt-qemu
+
+# Guest images are built by their recipes and kept in a machine-wide cache keyed by the
+# recipe's hash, so reruns (and CI on the same machine) do not rebuild them.
+CACHE=${AETHER_E2E_CACHE:-/var/cache/aether/e2e}
+mkdir -p "$CACHE"
+image() { # image NAME -> prints the directory holding the built image
+  local name=$1 key dir
+  key=$(sha256sum "images/$name/build.sh" | cut -c1-16)
+  dir=$CACHE/$name-$key
+  if [ ! -s "$dir/disk.qcow2" ] || [ ! -s "$dir/vmlinuz" ]; then
+    log "building image $name (recipe images/$name/build.sh)" >&2
+    rm -rf "$dir.tmp"
+    if ! bash "images/$name/build.sh" "$dir.tmp" >"$CACHE/$name-build.log" 2>&1; then
+      tail -30 "$CACHE/$name-build.log" >&2
+      die "building image $name failed (log: $CACHE/$name-build.log)"
+    fi
+    rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  fi
+  chmod 0755 "$CACHE" "$dir"
+  echo "$dir"
+}
+export AETHER_E2E_TESTGUEST
+AETHER_E2E_TESTGUEST=$(image testguest)
+if [ "${AETHER_E2E_DEBIAN:-1}" != 0 ]; then
+  export AETHER_E2E_DEBIAN
+  AETHER_E2E_DEBIAN=$(image debian-12)
+else
+  unset AETHER_E2E_DEBIAN
+fi
+
+cargo build --offline --locked --workspace --tests
+
+ip netns del "$NS" 2>/dev/null || true
+ip netns add "$NS"
+trap 'ip netns del "$NS" 2>/dev/null || true' EXIT
+ip netns exec "$NS" unshare --mount --propagation private -- bash "$ROOT/scripts/e2e.sh" --inner
