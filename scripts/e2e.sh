@@ -53,6 +53,10 @@ if [ "${1:-}" = --inner ]; then
   rc=0
   cargo test --offline --locked -p aether-tests --test e2e -- --ignored --test-threads=1 2>&1 \
     | tee "$results" || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    log "benchmark: workspace create time against image size"
+    "$ROOT/target/debug/bench-create" || rc=$?
+  fi
   awk '/^test result:/ { p += $4; f += $6 } END { printf "\ne2e: %d passed, %d failed\n", p, f }' "$results"
   rm -f "$results"
   exit "$rc"
@@ -112,7 +116,7 @@ else
   unset AETHER_E2E_DEBIAN
 fi
 
-cargo build --offline --locked --workspace --tests
+cargo build --offline --locked --workspace --bins --tests
 
 ip netns del "$NS" 2>/dev/null || true
 ip netns add "$NS"

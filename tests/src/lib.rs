@@ -5,7 +5,7 @@
 //! The binaries are taken from the same target directory as the test executable; build them
 //! first (`cargo build --workspace`, which the README's test command does).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,12 +29,11 @@ pub const TEST_HOST_XML: &str = r#"<node>
 /// Directory holding the built `aetherd` and `aether` (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps")
-        .to_owned();
+    // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (benchmarks)
+    let mut dir = exe.parent().expect("executable has a directory").to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
     for bin in ["aetherd", "aether"] {
         assert!(
             dir.join(bin).exists(),
