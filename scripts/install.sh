@@ -5,8 +5,12 @@
 #
 # Installs the packages (libvirt, qemu), builds and installs aetherd and aether into
 # /usr/local/bin, creates group `aether` (and adds the invoking user to it), writes a default
-# /etc/aether/aetherd.toml, then starts libvirtd and aetherd: as systemd services where
-# systemd runs, as background processes otherwise (containers, CI machines).
+# /etc/aether/aetherd.toml, starts libvirtd and aetherd (as systemd services where systemd
+# runs, as background processes otherwise), then builds a guest image from its recipe in
+# images/ and imports it as the default image:
+#
+#   AETHER_IMAGE=debian-12 (default)  real Debian 12 with cloud-init and OpenSSH (~3 min build)
+#   AETHER_IMAGE=testguest            tiny busybox + dropbear guest (~10 s build, boots in ~5 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,8 +23,11 @@ command -v cargo >/dev/null || die "cargo not found: aether needs a Rust toolcha
 have_systemd=false
 [ -d /run/systemd/system ] && have_systemd=true
 
+IMAGE=${AETHER_IMAGE:-debian-12}
+[ -f "images/$IMAGE/build.sh" ] || die "unknown AETHER_IMAGE $IMAGE (see images/)"
+
 PACKAGES=(libvirt-dev pkg-config gcc libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-  qemu-system-x86 qemu-utils dnsmasq-base iptables)
+  qemu-system-x86 qemu-utils dnsmasq-base iptables openssh-client)
 $have_systemd && PACKAGES+=(libvirt-daemon-system)
 
 log "installing packages"
@@ -46,7 +53,7 @@ fi
 
 if [ ! -e /etc/aether/aetherd.toml ]; then
   install -d /etc/aether
-  cat > /etc/aether/aetherd.toml <<'TOML'
+  cat > /etc/aether/aetherd.toml <<TOML
 # aetherd configuration; every key is optional. Flags (--socket, --state-dir,
 # --libvirt-uri) override these.
 # socket = "/run/aether/aetherd.sock"
@@ -56,6 +63,9 @@ if [ ! -e /etc/aether/aetherd.toml ]; then
 # stop_timeout_secs = 60
 # libvirt_timeout_secs = 30
 # accel = "auto"    # auto | kvm | tcg
+# network_cidr = "192.168.150.0/24"   # unset: a /24 that collides with no route
+# boot_timeout_secs = 300             # unset: 120 with KVM, 300 with TCG
+default_image = "$IMAGE"
 TOML
 fi
 
@@ -88,4 +98,18 @@ else
 fi
 
 aether host info || die "aetherd is not answering; see /var/log/aetherd.log or journalctl -u aetherd"
-log "aetherd is running. Next: aether project create my-app && aether project use my-app"
+
+if ! aether image list | awk 'NR > 1 { print $1 }' | grep -qx "$IMAGE"; then
+  log "building image $IMAGE (images/$IMAGE/build.sh)"
+  out=/var/cache/aether/images/$IMAGE
+  bash "images/$IMAGE/build.sh" "$out"
+  aether image import "$IMAGE" "$out/disk.qcow2" --kernel "$out/vmlinuz" \
+    --initrd "$out/initrd.img" --cmdline "$(cat "$out/cmdline")"
+fi
+log "aetherd is running with image $IMAGE. Next:"
+cat <<'NEXT'
+  aether project create my-app && aether project use my-app
+  aether workspace create
+  aether workspace start ws-xxxxxx      # the id printed by create
+  aether workspace ssh ws-xxxxxx
+NEXT
