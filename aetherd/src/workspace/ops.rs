@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use crate::cloudinit::{self, KeyPair};
 use crate::config::Config;
@@ -27,6 +26,11 @@ use crate::network::{self, Subnet};
 use crate::store::{NewWorkspace, Owner, Project, Store, Workspace, WorkspaceFilter};
 use crate::tunnel::Connections;
 use crate::workspace::state::{self, Event, State};
+
+mod image_ops;
+mod lifecycle;
+
+pub use image_ops::ImageUpload;
 
 /// Who is asking, from the socket peer's credentials.
 #[derive(Clone, Copy, Debug)]
@@ -357,127 +361,6 @@ impl Manager {
             .get_workspace(&WorkspaceId::parse(id)?, caller.owner())
     }
 
-    // ---- images ----
-
-    /// Finishes an upload: `dir` holds `disk` and, for direct kernel boot, `kernel` and
-    /// `initrd`. Checks and installs them; the upload dir is removed in every case.
-    pub async fn import_image(&self, upload: ImageUpload) -> Result<Image> {
-        let result = self.install_image(&upload).await;
-        let _ = std::fs::remove_dir_all(&upload.dir);
-        result
-    }
-
-    async fn install_image(&self, up: &ImageUpload) -> Result<Image> {
-        let name = ImageName::parse(&up.name)?;
-        images::validate_cmdline(&up.cmdline)?;
-        if let Ok(existing) = self.store.get_image(&name) {
-            return Err(Error::AlreadyExists(format!(
-                "image {} already exists",
-                existing.name
-            )));
-        }
-        let kernel = up.dir.join("kernel");
-        let initrd = up.dir.join("initrd");
-        let boot_mode = match (up.boot_mode, kernel.exists()) {
-            (Some(BootMode::Kernel) | None, true) => BootMode::Kernel,
-            (Some(BootMode::Kernel), false) => {
-                return Err(Error::invalid(
-                    "direct kernel boot needs a kernel (--kernel)",
-                ))
-            }
-            (Some(mode), true) => {
-                return Err(Error::invalid(format!(
-                    "a kernel was sent but the boot mode is {}",
-                    mode.as_str()
-                )))
-            }
-            (Some(mode), false) => mode,
-            (None, false) => BootMode::Bios,
-        };
-        if boot_mode != BootMode::Kernel && !up.cmdline.is_empty() {
-            return Err(Error::invalid(
-                "a kernel command line needs direct kernel boot (--kernel)",
-            ));
-        }
-        let disk = up.dir.join("disk");
-        if !disk.exists() {
-            return Err(Error::invalid("no disk data was sent"));
-        }
-        let dest = self.layout.pool().join(name.volume_name());
-        let source_name = up.source_name.clone();
-        let info = tokio::task::block_in_place(|| -> Result<images::QemuImgInfo> {
-            let info = images::qemu_img_info(&disk)?;
-            images::check_disk(&info, &source_name)?;
-            images::install_disk(&info, &disk, &dest)?;
-            Ok(info)
-        })?;
-        let installed = tokio::task::block_in_place(|| images::qemu_img_info(&dest))?;
-        let cleanup = |e: Error| {
-            let _ = std::fs::remove_file(&dest);
-            let _ = std::fs::remove_dir_all(self.layout.boot_dir(&name));
-            e
-        };
-        if boot_mode == BootMode::Kernel {
-            let dir = self.layout.boot_dir(&name);
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                cleanup(Error::Internal(format!(
-                    "cannot create {}: {e}",
-                    dir.display()
-                )))
-            })?;
-            images::set_mode(&dir, 0o755).map_err(cleanup)?;
-            for (from, to) in [
-                (&kernel, self.layout.kernel(&name)),
-                (&initrd, self.layout.initrd(&name)),
-            ] {
-                if !from.exists() {
-                    return Err(cleanup(Error::invalid(
-                        "direct kernel boot needs an initrd (--initrd)",
-                    )));
-                }
-                std::fs::rename(from, &to).map_err(|e| {
-                    cleanup(Error::Internal(format!(
-                        "cannot move {}: {e}",
-                        to.display()
-                    )))
-                })?;
-                images::set_mode(&to, 0o644).map_err(cleanup)?;
-            }
-        }
-        let image = Image {
-            name: name.clone(),
-            boot_mode,
-            cmdline: up.cmdline.clone(),
-            virtual_size: info.virtual_size,
-            disk_size: installed.actual_size,
-            created_at: crate::store::now(),
-            in_use: 0,
-        };
-        self.store.insert_image(&image).map_err(cleanup)?;
-        self.hv.refresh_pool().await?;
-        tracing::info!(image = %name, boot = boot_mode.as_str(), virtual_size = info.virtual_size, "image imported");
-        Ok(image)
-    }
-
-    pub fn list_images(&self) -> Result<Vec<Image>> {
-        self.store.list_images()
-    }
-
-    pub async fn delete_image(&self, caller: Caller, name: &str) -> Result<()> {
-        let name = ImageName::parse(name)?;
-        if !caller.admin {
-            return Err(Error::PermissionDenied(
-                "only root may delete images".into(),
-            ));
-        }
-        self.store.delete_image(&name)?;
-        self.hv.delete_volume(&name.volume_name()).await?;
-        let _ = std::fs::remove_file(self.layout.pool().join(name.volume_name()));
-        let _ = std::fs::remove_dir_all(self.layout.boot_dir(&name));
-        tracing::info!(image = %name, "image deleted");
-        Ok(())
-    }
-
     /// The last `max` bytes of the workspace's serial console log.
     pub fn console_log(&self, caller: Caller, id: &str, max: usize) -> Result<Vec<u8>> {
         let ws = self.get_workspace(caller, id)?;
@@ -503,223 +386,6 @@ impl Manager {
             .ip
             .ok_or_else(|| Error::precondition(format!("workspace {} has no IP address", ws.id)))?;
         Ok((ws.id, std::net::SocketAddr::from((ip, port))))
-    }
-
-    /// Moves the workspace to `starting` and boots it in the background.
-    pub fn start_workspace(self: &Arc<Self>, caller: Caller, id: &str) -> Result<Workspace> {
-        let ws = self.get_workspace(caller, id)?;
-        let ws = self.apply(&ws, Event::Start, "")?;
-        let this = Arc::clone(self);
-        let starting = ws.clone();
-        tokio::spawn(async move { this.run_start(starting).await });
-        Ok(ws)
-    }
-
-    async fn run_start(&self, ws: Workspace) {
-        let lock = self.lock_of(&ws.id);
-        let _guard = lock.lock().await;
-        let booted = async {
-            self.hv.define(&self.spec(&ws)?).await?;
-            self.hv.start(&ws.id).await?;
-            self.wait_ready(&ws).await
-        }
-        .await;
-        let result = match booted {
-            Ok(Readiness::Ready) => self.apply(&ws, Event::Ready, ""),
-            Ok(Readiness::Superseded) => return,
-            Err(e) => {
-                tracing::warn!(workspace = %ws.id, error = %e, "start failed");
-                let reason = format!("start failed: {e}{}", self.console_hint(&ws.id));
-                // Record the failure before powering off, so the power-off event finds the
-                // workspace already in `error`.
-                let recorded = self.apply(&ws, Event::BootFailed, &reason);
-                if recorded.is_ok() {
-                    if let Err(e) = self.hv.destroy(&ws.id).await {
-                        tracing::warn!(workspace = %ws.id, error = %e, "cannot power off the failed VM");
-                    }
-                }
-                recorded
-            }
-        };
-        log_background(&ws.id, "start", result);
-    }
-
-    fn boot_timeout(&self) -> Duration {
-        let secs = self
-            .config
-            .boot_timeout_secs
-            .unwrap_or(match self.hv.domain_type() {
-                DomainType::Kvm => 120,
-                DomainType::Qemu | DomainType::Test => 300,
-            });
-        Duration::from_secs(secs)
-    }
-
-    /// Waits until the guest's SSH port sends its banner. The test driver has no guest, so
-    /// there the running domain is ready. Gives up when the boot timeout passes, when the VM
-    /// stops, and (without error) when someone else changed the workspace's state.
-    async fn wait_ready(&self, ws: &Workspace) -> Result<Readiness> {
-        if self.hv.domain_type() == DomainType::Test {
-            return match self.hv.status(&ws.id).await? {
-                DomainStatus::Active => Ok(Readiness::Ready),
-                other => Err(Error::Libvirt(format!(
-                    "domain is {other:?} right after it was started"
-                ))),
-            };
-        }
-        let ip = ws
-            .ip
-            .ok_or_else(|| Error::precondition(format!("workspace {} has no IP address", ws.id)))?;
-        let timeout = self.boot_timeout();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if self.store.get_workspace(&ws.id, None)?.generation != ws.generation {
-                return Ok(Readiness::Superseded);
-            }
-            if self.hv.status(&ws.id).await? != DomainStatus::Active {
-                return Err(Error::Internal("the VM stopped while booting".into()));
-            }
-            if ssh_banner(std::net::SocketAddr::from((ip, 22))).await {
-                return Ok(Readiness::Ready);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::Internal(format!(
-                    "the guest did not answer SSH on {ip}:22 within {} s",
-                    timeout.as_secs()
-                )));
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
-
-    /// " (last console lines: …)" for reasons, or "" without a console log.
-    fn console_hint(&self, id: &WorkspaceId) -> String {
-        let tail = tail(&self.layout.console_log(id), 4096).unwrap_or_default();
-        let text = String::from_utf8_lossy(&tail);
-        let lines: Vec<&str> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect();
-        if lines.is_empty() {
-            return String::new();
-        }
-        let last = lines[lines.len().saturating_sub(3)..].join(" | ");
-        let last: String = last.chars().filter(|c| !c.is_control()).take(300).collect();
-        format!("; console: {last} (aether workspace logs {id} --console)")
-    }
-
-    /// Applies libvirt lifecycle events to the workspaces they concern, until the stream ends.
-    pub fn watch_events(self: &Arc<Self>) {
-        let Some(mut rx) = self.hv.take_events() else {
-            return;
-        };
-        let this = Arc::clone(self);
-        tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                this.on_event(ev);
-            }
-        });
-    }
-
-    fn on_event(&self, ev: DomainEvent) {
-        let Some(id) = ev
-            .domain()
-            .strip_prefix("aether-")
-            .and_then(|id| WorkspaceId::parse(id).ok())
-        else {
-            return;
-        };
-        let Ok(ws) = self.store.get_workspace(&id, None) else {
-            return;
-        };
-        let result = match (&ev, ws.state) {
-            (DomainEvent::ShutOff { .. }, State::Stopping) => {
-                self.apply(&ws, Event::PoweredOff, "")
-            }
-            (DomainEvent::ShutOff { .. }, _) => {
-                self.apply(&ws, Event::PoweredOff, "the guest powered itself off")
-            }
-            (DomainEvent::Destroyed { .. }, _) => self.apply(
-                &ws,
-                Event::PoweredOff,
-                "the VM was powered off outside aether",
-            ),
-            (DomainEvent::Crashed { .. }, _) => self.apply(
-                &ws,
-                Event::Crashed,
-                &format!("qemu crashed or failed{}", self.console_hint(&ws.id)),
-            ),
-        };
-        tracing::debug!(workspace = %id, event = ?ev, "lifecycle event");
-        log_background(&id, "lifecycle event", result);
-    }
-
-    /// A graceful stop moves the workspace to `stopping` and waits for the guest in the
-    /// background; a forced stop destroys the VM and returns `stopped`.
-    pub async fn stop_workspace(
-        self: &Arc<Self>,
-        caller: Caller,
-        id: &str,
-        force: bool,
-    ) -> Result<Workspace> {
-        let ws = self.get_workspace(caller, id)?;
-        if force {
-            return self.force_stop(&ws).await;
-        }
-        let ws = self.apply(&ws, Event::Stop, "")?;
-        let this = Arc::clone(self);
-        let stopping = ws.clone();
-        tokio::spawn(async move { this.run_stop(stopping).await });
-        Ok(ws)
-    }
-
-    async fn force_stop(&self, ws: &Workspace) -> Result<Workspace> {
-        // Decide first, so a refused request changes nothing.
-        state::transition(ws.state, Event::ForceStop)?;
-        self.hv.destroy(&ws.id).await?;
-        match self.apply(ws, Event::ForceStop, "") {
-            // The power-off event (or a boot failure) was recorded first: the VM is off,
-            // which is what was asked for.
-            Err(Error::Conflict { now, .. }) if now.vm_is_off() => {
-                self.store.get_workspace(&ws.id, None)
-            }
-            other => other,
-        }
-    }
-
-    async fn run_stop(&self, ws: Workspace) {
-        let lock = self.lock_of(&ws.id);
-        let _guard = lock.lock().await;
-        let timeout = Duration::from_secs(self.config.stop_timeout_secs);
-        let result = match self.shutdown_and_wait(&ws.id, timeout).await {
-            Ok(true) => self.apply(&ws, Event::PoweredOff, ""),
-            Ok(false) => self.apply(
-                &ws,
-                Event::StopTimedOut,
-                &format!(
-                    "the guest did not power off within {} s of the ACPI shutdown request",
-                    timeout.as_secs()
-                ),
-            ),
-            Err(e) => self.apply(&ws, Event::StopTimedOut, &format!("stop failed: {e}")),
-        };
-        log_background(&ws.id, "stop", result);
-    }
-
-    /// Asks for an ACPI shutdown and waits (bounded by `timeout`) for the domain to be off.
-    async fn shutdown_and_wait(&self, id: &WorkspaceId, timeout: Duration) -> Result<bool> {
-        self.hv.shutdown(id).await?;
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if self.hv.status(id).await? != DomainStatus::Active {
-                return Ok(true);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
     }
 
     /// Deletes the domain and the row. Without `force` the VM must not be running.
@@ -782,57 +448,6 @@ impl Manager {
             Ok(updated)
         }
     }
-
-    /// Resolves every workspace against libvirt before the API is served: missing domains are
-    /// defined again from the database, transitional states are settled. Nothing is deleted.
-    pub async fn reconcile(self: &Arc<Self>) -> Result<()> {
-        let all = self
-            .store
-            .list_workspaces(&WorkspaceFilter::default(), None)?;
-        for ws in all {
-            let mut status = self.hv.status(&ws.id).await?;
-            if status == DomainStatus::Missing {
-                tracing::warn!(workspace = %ws.id, "domain missing; defining it again");
-                self.hv.define(&self.spec(&ws)?).await?;
-                status = DomainStatus::Off;
-            }
-            let active = status == DomainStatus::Active;
-            let result = match (ws.state, active) {
-                // Booted while the daemon was away: wait for readiness again.
-                (State::Starting, true) => {
-                    let this = Arc::clone(self);
-                    let starting = ws.clone();
-                    tokio::spawn(async move { this.run_start(starting).await });
-                    Ok(ws.clone())
-                }
-                (State::Starting, false) => self.apply(
-                    &ws,
-                    Event::BootFailed,
-                    "aetherd restarted while the workspace was starting",
-                ),
-                (State::Running | State::StopFailed, false) => self.apply(
-                    &ws,
-                    Event::PoweredOff,
-                    "found powered off when aetherd started",
-                ),
-                (State::Stopping, false) => self.apply(&ws, Event::PoweredOff, ""),
-                (State::Stopping, true) => {
-                    let this = Arc::clone(self);
-                    let stopping = ws.clone();
-                    tokio::spawn(async move { this.run_stop(stopping).await });
-                    Ok(ws.clone())
-                }
-                (State::Stopped | State::Error, true) => {
-                    tracing::warn!(workspace = %ws.id, state = %ws.state, "domain is running although the workspace is not; leaving it alone");
-                    Ok(ws.clone())
-                }
-                (State::Running | State::StopFailed, true)
-                | (State::Stopped | State::Error, false) => Ok(ws.clone()),
-            };
-            log_background(&ws.id, "reconcile", result);
-        }
-        Ok(())
-    }
 }
 
 fn log_background(id: &WorkspaceId, what: &str, result: Result<Workspace>) {
@@ -846,38 +461,6 @@ fn log_background(id: &WorkspaceId, what: &str, result: Result<Workspace>) {
             tracing::error!(workspace = %id, error = %e, "{what} could not record its result")
         }
     }
-}
-
-enum Readiness {
-    Ready,
-    /// The workspace's state changed while booting (e.g. it was stopped): not ours to record.
-    Superseded,
-}
-
-/// Whether something at `addr` accepts a TCP connection and sends an SSH banner.
-async fn ssh_banner(addr: std::net::SocketAddr) -> bool {
-    use tokio::io::AsyncReadExt;
-    let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let mut buf = [0u8; 4];
-        stream.read_exact(&mut buf).await.ok()?;
-        Some(&buf == b"SSH-")
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), attempt).await,
-        Ok(Some(true))
-    )
-}
-
-/// An uploaded image waiting to be checked and installed.
-#[derive(Clone, Debug)]
-pub struct ImageUpload {
-    /// Directory with `disk`, and `kernel` + `initrd` for direct kernel boot.
-    pub dir: std::path::PathBuf,
-    pub name: String,
-    pub boot_mode: Option<BootMode>,
-    pub cmdline: String,
-    pub source_name: String,
 }
 
 /// The last `max` bytes of a file; a missing file is empty.

@@ -1,0 +1,136 @@
+//! Image import, listing and deletion (the files live in the pool and boot dirs; see
+//! `crate::images` for the checks).
+
+use super::*;
+
+impl Manager {
+    /// Finishes an upload: `dir` holds `disk` and, for direct kernel boot, `kernel` and
+    /// `initrd`. Checks and installs them; the upload dir is removed in every case.
+    pub async fn import_image(&self, upload: ImageUpload) -> Result<Image> {
+        let result = self.install_image(&upload).await;
+        let _ = std::fs::remove_dir_all(&upload.dir);
+        result
+    }
+
+    async fn install_image(&self, up: &ImageUpload) -> Result<Image> {
+        let name = ImageName::parse(&up.name)?;
+        images::validate_cmdline(&up.cmdline)?;
+        if let Ok(existing) = self.store.get_image(&name) {
+            return Err(Error::AlreadyExists(format!(
+                "image {} already exists",
+                existing.name
+            )));
+        }
+        let kernel = up.dir.join("kernel");
+        let initrd = up.dir.join("initrd");
+        let boot_mode = match (up.boot_mode, kernel.exists()) {
+            (Some(BootMode::Kernel) | None, true) => BootMode::Kernel,
+            (Some(BootMode::Kernel), false) => {
+                return Err(Error::invalid(
+                    "direct kernel boot needs a kernel (--kernel)",
+                ))
+            }
+            (Some(mode), true) => {
+                return Err(Error::invalid(format!(
+                    "a kernel was sent but the boot mode is {}",
+                    mode.as_str()
+                )))
+            }
+            (Some(mode), false) => mode,
+            (None, false) => BootMode::Bios,
+        };
+        if boot_mode != BootMode::Kernel && !up.cmdline.is_empty() {
+            return Err(Error::invalid(
+                "a kernel command line needs direct kernel boot (--kernel)",
+            ));
+        }
+        let disk = up.dir.join("disk");
+        if !disk.exists() {
+            return Err(Error::invalid("no disk data was sent"));
+        }
+        let dest = self.layout.pool().join(name.volume_name());
+        let source_name = up.source_name.clone();
+        let info = tokio::task::block_in_place(|| -> Result<images::QemuImgInfo> {
+            let info = images::qemu_img_info(&disk)?;
+            images::check_disk(&info, &source_name)?;
+            images::install_disk(&info, &disk, &dest)?;
+            Ok(info)
+        })?;
+        let installed = tokio::task::block_in_place(|| images::qemu_img_info(&dest))?;
+        let cleanup = |e: Error| {
+            let _ = std::fs::remove_file(&dest);
+            let _ = std::fs::remove_dir_all(self.layout.boot_dir(&name));
+            e
+        };
+        if boot_mode == BootMode::Kernel {
+            let dir = self.layout.boot_dir(&name);
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                cleanup(Error::Internal(format!(
+                    "cannot create {}: {e}",
+                    dir.display()
+                )))
+            })?;
+            images::set_mode(&dir, 0o755).map_err(cleanup)?;
+            for (from, to) in [
+                (&kernel, self.layout.kernel(&name)),
+                (&initrd, self.layout.initrd(&name)),
+            ] {
+                if !from.exists() {
+                    return Err(cleanup(Error::invalid(
+                        "direct kernel boot needs an initrd (--initrd)",
+                    )));
+                }
+                std::fs::rename(from, &to).map_err(|e| {
+                    cleanup(Error::Internal(format!(
+                        "cannot move {}: {e}",
+                        to.display()
+                    )))
+                })?;
+                images::set_mode(&to, 0o644).map_err(cleanup)?;
+            }
+        }
+        let image = Image {
+            name: name.clone(),
+            boot_mode,
+            cmdline: up.cmdline.clone(),
+            virtual_size: info.virtual_size,
+            disk_size: installed.actual_size,
+            created_at: crate::store::now(),
+            in_use: 0,
+        };
+        self.store.insert_image(&image).map_err(cleanup)?;
+        self.hv.refresh_pool().await?;
+        tracing::info!(image = %name, boot = boot_mode.as_str(), virtual_size = info.virtual_size, "image imported");
+        Ok(image)
+    }
+
+    pub fn list_images(&self) -> Result<Vec<Image>> {
+        self.store.list_images()
+    }
+
+    pub async fn delete_image(&self, caller: Caller, name: &str) -> Result<()> {
+        let name = ImageName::parse(name)?;
+        if !caller.admin {
+            return Err(Error::PermissionDenied(
+                "only root may delete images".into(),
+            ));
+        }
+        self.store.delete_image(&name)?;
+        self.hv.delete_volume(&name.volume_name()).await?;
+        let _ = std::fs::remove_file(self.layout.pool().join(name.volume_name()));
+        let _ = std::fs::remove_dir_all(self.layout.boot_dir(&name));
+        tracing::info!(image = %name, "image deleted");
+        Ok(())
+    }
+}
+
+/// An uploaded image waiting to be checked and installed.
+#[derive(Clone, Debug)]
+pub struct ImageUpload {
+    /// Directory with `disk`, and `kernel` + `initrd` for direct kernel boot.
+    pub dir: std::path::PathBuf,
+    pub name: String,
+    pub boot_mode: Option<BootMode>,
+    pub cmdline: String,
+    pub source_name: String,
+}

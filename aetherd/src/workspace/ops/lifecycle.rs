@@ -1,0 +1,300 @@
+//! Starting and stopping: boot and readiness, graceful and forced stop, libvirt lifecycle
+//! events, and reconciliation at daemon start. Long work runs in background tasks that hold
+//! the workspace's operation lock; their final transition is a CAS, so a newer decision by
+//! the user (a forced stop during boot, say) always wins over a stale background task.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+
+impl Manager {
+    /// Moves the workspace to `starting` and boots it in the background.
+    pub fn start_workspace(self: &Arc<Self>, caller: Caller, id: &str) -> Result<Workspace> {
+        let ws = self.get_workspace(caller, id)?;
+        let ws = self.apply(&ws, Event::Start, "")?;
+        let this = Arc::clone(self);
+        let starting = ws.clone();
+        tokio::spawn(async move { this.run_start(starting).await });
+        Ok(ws)
+    }
+
+    async fn run_start(&self, ws: Workspace) {
+        let lock = self.lock_of(&ws.id);
+        let _guard = lock.lock().await;
+        let booted = async {
+            self.hv.define(&self.spec(&ws)?).await?;
+            self.hv.start(&ws.id).await?;
+            self.wait_ready(&ws).await
+        }
+        .await;
+        let result = match booted {
+            Ok(Readiness::Ready) => self.apply(&ws, Event::Ready, ""),
+            Ok(Readiness::Superseded) => return,
+            Err(e) => {
+                tracing::warn!(workspace = %ws.id, error = %e, "start failed");
+                let reason = format!("start failed: {e}{}", self.console_hint(&ws.id));
+                // Record the failure before powering off, so the power-off event finds the
+                // workspace already in `error`.
+                let recorded = self.apply(&ws, Event::BootFailed, &reason);
+                if recorded.is_ok() {
+                    if let Err(e) = self.hv.destroy(&ws.id).await {
+                        tracing::warn!(workspace = %ws.id, error = %e, "cannot power off the failed VM");
+                    }
+                }
+                recorded
+            }
+        };
+        log_background(&ws.id, "start", result);
+    }
+
+    fn boot_timeout(&self) -> Duration {
+        let secs = self
+            .config
+            .boot_timeout_secs
+            .unwrap_or(match self.hv.domain_type() {
+                DomainType::Kvm => 120,
+                DomainType::Qemu | DomainType::Test => 300,
+            });
+        Duration::from_secs(secs)
+    }
+
+    /// Waits until the guest's SSH port sends its banner. The test driver has no guest, so
+    /// there the running domain is ready. Gives up when the boot timeout passes, when the VM
+    /// stops, and (without error) when someone else changed the workspace's state.
+    async fn wait_ready(&self, ws: &Workspace) -> Result<Readiness> {
+        if self.hv.domain_type() == DomainType::Test {
+            return match self.hv.status(&ws.id).await? {
+                DomainStatus::Active => Ok(Readiness::Ready),
+                other => Err(Error::Libvirt(format!(
+                    "domain is {other:?} right after it was started"
+                ))),
+            };
+        }
+        let ip = ws
+            .ip
+            .ok_or_else(|| Error::precondition(format!("workspace {} has no IP address", ws.id)))?;
+        let timeout = self.boot_timeout();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.store.get_workspace(&ws.id, None)?.generation != ws.generation {
+                return Ok(Readiness::Superseded);
+            }
+            if self.hv.status(&ws.id).await? != DomainStatus::Active {
+                return Err(Error::Internal("the VM stopped while booting".into()));
+            }
+            if ssh_banner(std::net::SocketAddr::from((ip, 22))).await {
+                return Ok(Readiness::Ready);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Internal(format!(
+                    "the guest did not answer SSH on {ip}:22 within {} s",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// " (last console lines: …)" for reasons, or "" without a console log.
+    fn console_hint(&self, id: &WorkspaceId) -> String {
+        let tail = tail(&self.layout.console_log(id), 4096).unwrap_or_default();
+        let text = String::from_utf8_lossy(&tail);
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        if lines.is_empty() {
+            return String::new();
+        }
+        let last = lines[lines.len().saturating_sub(3)..].join(" | ");
+        let last: String = last.chars().filter(|c| !c.is_control()).take(300).collect();
+        format!("; console: {last} (aether workspace logs {id} --console)")
+    }
+
+    /// Applies libvirt lifecycle events to the workspaces they concern, until the stream ends.
+    pub fn watch_events(self: &Arc<Self>) {
+        let Some(mut rx) = self.hv.take_events() else {
+            return;
+        };
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                this.on_event(ev);
+            }
+        });
+    }
+
+    fn on_event(&self, ev: DomainEvent) {
+        let Some(id) = ev
+            .domain()
+            .strip_prefix("aether-")
+            .and_then(|id| WorkspaceId::parse(id).ok())
+        else {
+            return;
+        };
+        let Ok(ws) = self.store.get_workspace(&id, None) else {
+            return;
+        };
+        let result = match (&ev, ws.state) {
+            (DomainEvent::ShutOff { .. }, State::Stopping) => {
+                self.apply(&ws, Event::PoweredOff, "")
+            }
+            (DomainEvent::ShutOff { .. }, _) => {
+                self.apply(&ws, Event::PoweredOff, "the guest powered itself off")
+            }
+            (DomainEvent::Destroyed { .. }, _) => self.apply(
+                &ws,
+                Event::PoweredOff,
+                "the VM was powered off outside aether",
+            ),
+            (DomainEvent::Crashed { .. }, _) => self.apply(
+                &ws,
+                Event::Crashed,
+                &format!("qemu crashed or failed{}", self.console_hint(&ws.id)),
+            ),
+        };
+        tracing::debug!(workspace = %id, event = ?ev, "lifecycle event");
+        log_background(&id, "lifecycle event", result);
+    }
+
+    /// A graceful stop moves the workspace to `stopping` and waits for the guest in the
+    /// background; a forced stop destroys the VM and returns `stopped`.
+    pub async fn stop_workspace(
+        self: &Arc<Self>,
+        caller: Caller,
+        id: &str,
+        force: bool,
+    ) -> Result<Workspace> {
+        let ws = self.get_workspace(caller, id)?;
+        if force {
+            return self.force_stop(&ws).await;
+        }
+        let ws = self.apply(&ws, Event::Stop, "")?;
+        let this = Arc::clone(self);
+        let stopping = ws.clone();
+        tokio::spawn(async move { this.run_stop(stopping).await });
+        Ok(ws)
+    }
+
+    pub(super) async fn force_stop(&self, ws: &Workspace) -> Result<Workspace> {
+        // Decide first, so a refused request changes nothing.
+        state::transition(ws.state, Event::ForceStop)?;
+        self.hv.destroy(&ws.id).await?;
+        match self.apply(ws, Event::ForceStop, "") {
+            // The power-off event (or a boot failure) was recorded first: the VM is off,
+            // which is what was asked for.
+            Err(Error::Conflict { now, .. }) if now.vm_is_off() => {
+                self.store.get_workspace(&ws.id, None)
+            }
+            other => other,
+        }
+    }
+
+    async fn run_stop(&self, ws: Workspace) {
+        let lock = self.lock_of(&ws.id);
+        let _guard = lock.lock().await;
+        let timeout = Duration::from_secs(self.config.stop_timeout_secs);
+        let result = match self.shutdown_and_wait(&ws.id, timeout).await {
+            Ok(true) => self.apply(&ws, Event::PoweredOff, ""),
+            Ok(false) => self.apply(
+                &ws,
+                Event::StopTimedOut,
+                &format!(
+                    "the guest did not power off within {} s of the ACPI shutdown request",
+                    timeout.as_secs()
+                ),
+            ),
+            Err(e) => self.apply(&ws, Event::StopTimedOut, &format!("stop failed: {e}")),
+        };
+        log_background(&ws.id, "stop", result);
+    }
+
+    /// Asks for an ACPI shutdown and waits (bounded by `timeout`) for the domain to be off.
+    async fn shutdown_and_wait(&self, id: &WorkspaceId, timeout: Duration) -> Result<bool> {
+        self.hv.shutdown(id).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.hv.status(id).await? != DomainStatus::Active {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Resolves every workspace against libvirt before the API is served: missing domains are
+    /// defined again from the database, transitional states are settled. Nothing is deleted.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<()> {
+        let all = self
+            .store
+            .list_workspaces(&WorkspaceFilter::default(), None)?;
+        for ws in all {
+            let mut status = self.hv.status(&ws.id).await?;
+            if status == DomainStatus::Missing {
+                tracing::warn!(workspace = %ws.id, "domain missing; defining it again");
+                self.hv.define(&self.spec(&ws)?).await?;
+                status = DomainStatus::Off;
+            }
+            let active = status == DomainStatus::Active;
+            let result = match (ws.state, active) {
+                // Booted while the daemon was away: wait for readiness again.
+                (State::Starting, true) => {
+                    let this = Arc::clone(self);
+                    let starting = ws.clone();
+                    tokio::spawn(async move { this.run_start(starting).await });
+                    Ok(ws.clone())
+                }
+                (State::Starting, false) => self.apply(
+                    &ws,
+                    Event::BootFailed,
+                    "aetherd restarted while the workspace was starting",
+                ),
+                (State::Running | State::StopFailed, false) => self.apply(
+                    &ws,
+                    Event::PoweredOff,
+                    "found powered off when aetherd started",
+                ),
+                (State::Stopping, false) => self.apply(&ws, Event::PoweredOff, ""),
+                (State::Stopping, true) => {
+                    let this = Arc::clone(self);
+                    let stopping = ws.clone();
+                    tokio::spawn(async move { this.run_stop(stopping).await });
+                    Ok(ws.clone())
+                }
+                (State::Stopped | State::Error, true) => {
+                    tracing::warn!(workspace = %ws.id, state = %ws.state, "domain is running although the workspace is not; leaving it alone");
+                    Ok(ws.clone())
+                }
+                (State::Running | State::StopFailed, true)
+                | (State::Stopped | State::Error, false) => Ok(ws.clone()),
+            };
+            log_background(&ws.id, "reconcile", result);
+        }
+        Ok(())
+    }
+}
+
+enum Readiness {
+    Ready,
+    /// The workspace's state changed while booting (e.g. it was stopped): not ours to record.
+    Superseded,
+}
+
+/// Whether something at `addr` accepts a TCP connection and sends an SSH banner.
+async fn ssh_banner(addr: std::net::SocketAddr) -> bool {
+    use tokio::io::AsyncReadExt;
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).await.ok()?;
+        Some(&buf == b"SSH-")
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), attempt).await,
+        Ok(Some(true))
+    )
+}
