@@ -138,11 +138,20 @@ fn a_guest_that_never_answers_ssh_ends_in_error_with_a_reason() {
         "{reason}"
     );
     assert!(r.stderr.contains(reason), "{r:?}");
-    // The failed VM was powered off.
-    assert_eq!(
-        env.virsh(&["domstate", &format!("aether-{ws}")]).trim(),
-        "shut off"
-    );
+    // The failed VM is powered off (right after the failure was recorded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = env.virsh(&["domstate", &format!("aether-{ws}")]);
+        if state.trim() == "shut off" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "domain still {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(env.state_of(&ws), "error", "powering off keeps the error");
     env.ok(&["workspace", "delete", &ws]);
 }
 
