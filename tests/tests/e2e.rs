@@ -247,3 +247,33 @@ fn debian_12_with_cloud_init_accepts_ssh_with_the_pinned_host_key() {
     env.ok(&["workspace", "stop", &ws]);
     env.ok(&["workspace", "delete", &ws]);
 }
+
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn a_qemu_that_dies_ends_in_error() {
+    let env = testguest_env("");
+    let ws = create(
+        &env,
+        &["--cpus", "1", "--memory", "512", "--volume-size", "2"],
+    );
+    env.ok(&["workspace", "start", &ws]);
+    // The qemu process of this domain (libvirt names it guest=aether-<id> on its command line).
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("guest=aether-{ws},")])
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(!pid.is_empty() && !pid.contains('\n'), "qemu pid {pid:?}");
+    let st = Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+    assert!(st.success());
+    env.wait_for_state(&ws, "error", Duration::from_secs(30));
+    let reason = env.json(&["workspace", "get", &ws])["reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(reason.starts_with("qemu crashed or failed"), "{reason}");
+    // It starts again from error.
+    env.ok(&["workspace", "start", &ws]);
+    assert_eq!(ssh(&env, &ws, "cat /etc/hostname").trim(), ws);
+    env.ok(&["workspace", "delete", &ws, "--force"]);
+}
