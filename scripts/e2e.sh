@@ -8,6 +8,7 @@
 #   AETHER_E2E_DEBIAN=0 scripts/e2e.sh   # skip the (slow) real Debian 12 image test
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 ROOT=$PWD
 NS=aether-e2e
 log() { printf '=== e2e: %s\n' "$*"; }
@@ -66,47 +67,11 @@ fi
 
 RUNTIME=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
   dnsmasq-base iptables openssh-client iproute2 util-linux)
-missing=()
-for p in "${RUNTIME[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  log "installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  if ! apt-get install -y -qq --no-install-recommends "${missing[@]}"; then
-    # A newer qemu-utils from another suite blocks the distribution's qemu-system-x86.
-    codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
-    apt-get install -y -qq --no-install-recommends --allow-downgrades "${missing[@]}" "qemu-utils/$codename"
-  fi
-fi
+ensure_packages "${RUNTIME[@]}"
+ensure_qemu_user
 
-# libvirtd's QEMU driver needs the user it runs guests as (libvirt-daemon-system makes it).
-getent group kvm >/dev/null || groupadd -r kvm
-getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
-id libvirt-qemu >/dev/null 2>&1 ||
-  useradd -r -g libvirt-qemu -G kvm -s /usr/sbin/nologin -d /var/lib/libvirt libvirt-qemu
-
-# Guest images are built by their recipes and kept in a machine-wide cache keyed by the
-# recipe's hash, so reruns (and CI on the same machine) do not rebuild them.
-CACHE=${AETHER_E2E_CACHE:-/var/cache/aether/e2e}
-mkdir -p "$CACHE"
-image() { # image NAME -> prints the directory holding the built image
-  local name=$1 key dir
-  key=$(sha256sum "images/$name/build.sh" | cut -c1-16)
-  dir=$CACHE/$name-$key
-  if [ ! -s "$dir/disk.qcow2" ] || [ ! -s "$dir/vmlinuz" ]; then
-    log "building image $name (recipe images/$name/build.sh)" >&2
-    rm -rf "$dir.tmp"
-    if ! bash "images/$name/build.sh" "$dir.tmp" >"$CACHE/$name-build.log" 2>&1; then
-      tail -30 "$CACHE/$name-build.log" >&2
-      die "building image $name failed (log: $CACHE/$name-build.log)"
-    fi
-    rm -rf "$dir" && mv "$dir.tmp" "$dir"
-  fi
-  chmod 0755 "$CACHE" "$dir"
-  echo "$dir"
-}
+# Guest images come from their recipes through a cache keyed by the recipe's hash.
+image() { bash scripts/build-image.sh "$1" || die "image $1 could not be built"; }
 export AETHER_E2E_TESTGUEST
 AETHER_E2E_TESTGUEST=$(image testguest)
 if [ "${AETHER_E2E_DEBIAN:-1}" != 0 ]; then

@@ -13,6 +13,7 @@
 #   AETHER_IMAGE=testguest            tiny busybox + dropbear guest (~10 s build, boots in ~5 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 
 log() { printf '=== %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
@@ -30,15 +31,7 @@ PACKAGES=(libvirt-dev pkg-config gcc libvirt-daemon libvirt-daemon-driver-qemu l
   qemu-system-x86 qemu-utils dnsmasq-base iptables openssh-client)
 $have_systemd && PACKAGES+=(libvirt-daemon-system)
 
-log "installing packages"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-if ! apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}"; then
-  # A newer qemu-utils from another suite blocks the distribution's qemu-system-x86; take the
-  # distribution's qemu-utils, which matches it.
-  codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
-  apt-get install -y -qq --no-install-recommends --allow-downgrades "${PACKAGES[@]}" "qemu-utils/$codename"
-fi
+ensure_packages "${PACKAGES[@]}"
 
 log "building aetherd and aether (release)"
 cargo build --release --locked -p aetherd -p aether-cli
@@ -80,11 +73,7 @@ if $have_systemd; then
   systemctl restart aetherd.service
 else
   log "starting libvirtd and aetherd (no systemd: background processes)"
-  # libvirtd's QEMU driver needs the libvirt-qemu user, which libvirt-daemon-system creates.
-  getent group kvm >/dev/null || groupadd -r kvm
-  getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
-  id libvirt-qemu >/dev/null 2>&1 ||
-    useradd -r -g libvirt-qemu -G kvm -s /usr/sbin/nologin -d /var/lib/libvirt libvirt-qemu
+  ensure_qemu_user
   mkdir -p /var/log/libvirt /var/lib/libvirt/images
   pgrep -x virtlogd >/dev/null || virtlogd -d
   pgrep -x libvirtd >/dev/null || libvirtd -d
@@ -100,9 +89,7 @@ fi
 aether host info || die "aetherd is not answering; see /var/log/aetherd.log or journalctl -u aetherd"
 
 if ! aether image list | awk 'NR > 1 { print $1 }' | grep -qx "$IMAGE"; then
-  log "building image $IMAGE (images/$IMAGE/build.sh)"
-  out=/var/cache/aether/images/$IMAGE
-  bash "images/$IMAGE/build.sh" "$out"
+  out=$(bash scripts/build-image.sh "$IMAGE")
   aether image import "$IMAGE" "$out/disk.qcow2" --kernel "$out/vmlinuz" \
     --initrd "$out/initrd.img" --cmdline "$(cat "$out/cmdline")"
 fi

@@ -8,6 +8,7 @@
 # libvirt's in-process test driver) -> scripts/e2e.sh (real VMs; root only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 
 log() { printf '\n=== %s\n' "$*"; }
 
@@ -15,20 +16,7 @@ log() { printf '\n=== %s\n' "$*"; }
 # (libvirt's test driver is part of libvirt0, which libvirt-dev pulls in).
 BUILD_PACKAGES=(libvirt-dev pkg-config gcc qemu-utils openssh-client)
 
-missing=()
-for p in "${BUILD_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "missing packages: ${missing[*]}; run as root (sudo $0) or install them" >&2
-    exit 1
-  fi
-  log "installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+ensure_packages "${BUILD_PACKAGES[@]}"
 
 if ! command -v cargo >/dev/null; then
   echo "cargo not found: aether needs a Rust toolchain >= 1.88 (rustup)" >&2

@@ -87,7 +87,7 @@ pub struct KeyPair {
 
 /// Generates an ed25519 key pair with `ssh-keygen` (argument list, no shell) in `scratch`.
 pub fn generate_ed25519(scratch: &Path, comment: &str) -> Result<KeyPair> {
-    let dir = tempfile_dir(scratch)?;
+    let dir = crate::files::fresh_dir(scratch, ".keygen")?;
     let key = dir.join("key");
     let out = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
@@ -115,16 +115,6 @@ pub fn generate_ed25519(scratch: &Path, comment: &str) -> Result<KeyPair> {
     };
     let _ = std::fs::remove_dir_all(&dir);
     result
-}
-
-fn tempfile_dir(parent: &Path) -> Result<std::path::PathBuf> {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).expect("the kernel's random source is available");
-    let name: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    let dir = parent.join(format!(".keygen-{name}"));
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
-    Ok(dir)
 }
 
 /// What goes into a workspace's seed; every field already validated.

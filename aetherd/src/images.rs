@@ -13,6 +13,7 @@ use std::process::Command;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::files::set_mode;
 
 /// How an image boots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,12 +188,6 @@ pub fn install_disk(info: &QemuImgInfo, src: &Path, dest: &Path) -> Result<()> {
         }
     }
     set_mode(dest, 0o644)
-}
-
-pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::Internal(format!("cannot chmod {}: {e}", path.display())))
 }
 
 /// Where the daemon keeps files, all under the state dir.

@@ -358,17 +358,28 @@ impl Store {
     }
 
     pub fn get_workspace(&self, id: &WorkspaceId, owner: Owner) -> Result<Workspace> {
+        read_workspace(&self.conn(), id, owner)
+    }
+
+    /// Runs a generation-gated UPDATE of `ws` and returns the row as it is afterwards, both
+    /// under one lock; if the generation moved on, nothing changed and the result is
+    /// [`Error::Conflict`].
+    fn gated_update(
+        &self,
+        ws: &Workspace,
+        sql: &str,
+        params: &[&dyn rusqlite::ToSql],
+    ) -> Result<Workspace> {
         let conn = self.conn();
-        conn.query_row(
-            &format!(
-                "SELECT {WORKSPACE_COLUMNS} FROM workspaces w JOIN projects p ON p.id = w.project_id \
-                 WHERE w.id = ?1 AND (?2 IS NULL OR w.owner_uid = ?2)"
-            ),
-            params![id.as_str(), owner],
-            workspace_from_row,
-        )
-        .optional()?
-        .ok_or_else(|| Error::not_found("workspace", id.as_str()))
+        let changed = conn.execute(sql, params)?;
+        let now = read_workspace(&conn, &ws.id, None)?;
+        if changed == 0 {
+            return Err(Error::Conflict {
+                id: ws.id.to_string(),
+                now: now.state,
+            });
+        }
+        Ok(now)
     }
 
     pub fn list_workspaces(
@@ -404,29 +415,23 @@ impl Store {
         reason: &str,
         apply_pending: bool,
     ) -> Result<Workspace> {
-        let changed = self.conn().execute(
+        let updated = self.gated_update(
+            ws,
             "UPDATE workspaces SET state = ?1, reason = ?2, generation = generation + 1, updated_at = ?3,
                  hardware = CASE WHEN ?4 AND pending_hardware IS NOT NULL THEN pending_hardware ELSE hardware END,
                  pending_hardware = CASE WHEN ?4 THEN NULL ELSE pending_hardware END
              WHERE id = ?5 AND generation = ?6",
             params![to.as_str(), reason, now(), apply_pending, ws.id.as_str(), ws.generation as i64],
         )?;
-        let now = self.get_workspace(&ws.id, None)?;
-        if changed == 0 {
-            return Err(Error::Conflict {
-                id: ws.id.to_string(),
-                now: now.state,
-            });
-        }
         tracing::info!(
             workspace = %ws.id,
-            generation = now.generation,
+            generation = updated.generation,
             from = %ws.state,
             to = %to,
             reason,
             "state transition"
         );
-        Ok(now)
+        Ok(updated)
     }
 
     /// Sets hardware and pending hardware, gated on the generation like a transition.
@@ -436,7 +441,8 @@ impl Store {
         hardware: &Hardware,
         pending: Option<&Hardware>,
     ) -> Result<Workspace> {
-        let changed = self.conn().execute(
+        self.gated_update(
+            ws,
             "UPDATE workspaces SET hardware = ?1, pending_hardware = ?2, generation = generation + 1,
                  updated_at = ?3
              WHERE id = ?4 AND generation = ?5",
@@ -447,15 +453,7 @@ impl Store {
                 ws.id.as_str(),
                 ws.generation as i64
             ],
-        )?;
-        let now = self.get_workspace(&ws.id, None)?;
-        if changed == 0 {
-            return Err(Error::Conflict {
-                id: ws.id.to_string(),
-                now: now.state,
-            });
-        }
-        Ok(now)
+        )
     }
 
     /// Deletes the row of a workspace whose generation is still `ws.generation`.
@@ -473,6 +471,19 @@ impl Store {
         }
         Ok(())
     }
+}
+
+fn read_workspace(conn: &Connection, id: &WorkspaceId, owner: Owner) -> Result<Workspace> {
+    conn.query_row(
+        &format!(
+            "SELECT {WORKSPACE_COLUMNS} FROM workspaces w JOIN projects p ON p.id = w.project_id \
+             WHERE w.id = ?1 AND (?2 IS NULL OR w.owner_uid = ?2)"
+        ),
+        params![id.as_str(), owner],
+        workspace_from_row,
+    )
+    .optional()?
+    .ok_or_else(|| Error::not_found("workspace", id.as_str()))
 }
 
 const IMAGE_QUERY: &str = "SELECT i.name, i.boot_mode, i.cmdline, i.virtual_size, i.disk_size, \

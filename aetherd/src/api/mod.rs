@@ -367,7 +367,8 @@ impl Aether for Service {
     ) -> Reply<pb::Image> {
         auth::caller(&req)?;
         let mut stream = req.into_inner();
-        let dir = upload_dir(self.manager.layout().tmp()).map_err(status)?;
+        let dir =
+            crate::files::fresh_dir(&self.manager.layout().tmp(), "upload").map_err(status)?;
         let received = receive_image(&mut stream, &dir).await;
         let upload = match received {
             Ok(u) => u,
@@ -423,17 +424,6 @@ fn image_to_pb(i: &Image) -> pb::Image {
         created_at: i.created_at,
         disk_size_bytes: i.disk_size,
     }
-}
-
-/// A fresh private directory for one upload.
-fn upload_dir(tmp: std::path::PathBuf) -> crate::error::Result<std::path::PathBuf> {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).expect("the kernel's random source is available");
-    let name: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    let dir = tmp.join(format!("upload-{name}"));
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
-    Ok(dir)
 }
 
 /// Writes the parts of an image upload to `dir` (`kernel`, `initrd`, `disk`), enforcing the

@@ -296,40 +296,34 @@ impl Hypervisor {
 
     /// Adds the static DHCP reservation `mac` -> `ip` (idempotent).
     pub async fn add_dhcp_host(&self, mac: &str, ip: Ipv4Addr, name: &str) -> Result<()> {
-        let xml = network::dhcp_host_xml(mac, ip, name);
-        let mac = mac.to_owned();
-        self.call("virNetworkUpdate", move |c| {
-            let net = c.lookup_network_by_name(network::NETWORK_NAME)?;
-            if net.xml_desc(0)?.contains(&format!("mac='{mac}'")) {
-                return Ok(());
-            }
-            net.update(
-                sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
-                sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
-                -1,
-                &xml,
-                update_flags(&net)?,
-            )?;
-            Ok(())
-        })
-        .await
+        self.update_dhcp_host(true, mac, ip, name).await
     }
 
-    /// Removes the reservation of `mac`; a missing one is fine.
+    /// Removes the reservation of `mac`; a missing one (or a missing network) is fine.
     pub async fn remove_dhcp_host(&self, mac: &str, ip: Ipv4Addr, name: &str) -> Result<()> {
+        self.update_dhcp_host(false, mac, ip, name).await
+    }
+
+    async fn update_dhcp_host(&self, add: bool, mac: &str, ip: Ipv4Addr, name: &str) -> Result<()> {
         let xml = network::dhcp_host_xml(mac, ip, name);
         let mac = mac.to_owned();
         self.call("virNetworkUpdate", move |c| {
             let net = match c.lookup_network_by_name(network::NETWORK_NAME) {
                 Ok(n) => n,
-                Err(e) if e.code().is(ErrorNumber::NoNetwork) => return Ok(()),
+                Err(e) if !add && e.code().is(ErrorNumber::NoNetwork) => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
-            if !net.xml_desc(0)?.contains(&format!("mac='{mac}'")) {
+            let present = net.xml_desc(0)?.contains(&format!("mac='{mac}'"));
+            if present == add {
                 return Ok(());
             }
+            let command = if add {
+                sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST
+            } else {
+                sys::VIR_NETWORK_UPDATE_COMMAND_DELETE
+            };
             net.update(
-                sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                command,
                 sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
                 -1,
                 &xml,
@@ -338,11 +332,6 @@ impl Hypervisor {
             Ok(())
         })
         .await
-    }
-
-    /// Whether the workspace's domain exists in libvirt (for tests and `get`).
-    pub async fn domain_exists(&self, ws: &WorkspaceId) -> Result<bool> {
-        Ok(self.status(ws).await? != DomainStatus::Missing)
     }
 
     /// Defines (or redefines) the domain from `spec`. Idempotent.
@@ -384,13 +373,18 @@ impl Hypervisor {
         .await
     }
 
-    /// Sends an ACPI shutdown request; returns at once.
-    pub async fn shutdown(&self, ws: &WorkspaceId) -> Result<()> {
+    /// Runs `f` on the workspace's domain if it exists and is running; otherwise does nothing.
+    async fn if_active(
+        &self,
+        what: &'static str,
+        ws: &WorkspaceId,
+        f: fn(&Domain) -> std::result::Result<(), virt::error::Error>,
+    ) -> Result<()> {
         let ws = ws.clone();
-        self.call("virDomainShutdown", move |c| {
+        self.call(what, move |c| {
             if let Some(dom) = owned_domain(c, &ws)? {
                 if dom.is_active()? {
-                    dom.shutdown()?;
+                    f(&dom)?;
                 }
             }
             Ok(())
@@ -398,18 +392,16 @@ impl Hypervisor {
         .await
     }
 
+    /// Sends an ACPI shutdown request; returns at once.
+    pub async fn shutdown(&self, ws: &WorkspaceId) -> Result<()> {
+        self.if_active("virDomainShutdown", ws, Domain::shutdown)
+            .await
+    }
+
     /// Powers the domain off at once. A domain that is off or missing is fine.
     pub async fn destroy(&self, ws: &WorkspaceId) -> Result<()> {
-        let ws = ws.clone();
-        self.call("virDomainDestroy", move |c| {
-            if let Some(dom) = owned_domain(c, &ws)? {
-                if dom.is_active()? {
-                    dom.destroy()?;
-                }
-            }
-            Ok(())
-        })
-        .await
+        self.if_active("virDomainDestroy", ws, Domain::destroy)
+            .await
     }
 
     /// Removes the domain definition. A missing domain is fine.

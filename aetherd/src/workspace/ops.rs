@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use crate::cloudinit::{self, KeyPair};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::files::{self, tail};
 use crate::hypervisor::events::DomainEvent;
 use crate::hypervisor::{Boot, DomainType};
 use crate::hypervisor::{DomainSpec, DomainStatus, Hypervisor};
@@ -99,11 +100,6 @@ impl Manager {
             locks: Mutex::new(HashMap::new()),
             connections: Connections::default(),
         }))
-    }
-
-    /// The daemon's public SSH key (authorized in every guest).
-    pub fn daemon_public_key(&self) -> &str {
-        &self.daemon_key.public
     }
 
     pub fn layout(&self) -> &Layout {
@@ -308,7 +304,7 @@ impl Manager {
             host_key,
         };
         tokio::task::block_in_place(|| cloudinit::write_seed(&seed_path, &seed))?;
-        images::set_mode(&seed_path, 0o644)?;
+        files::set_mode(&seed_path, 0o644)?;
         self.hv.refresh_pool().await?;
         if let (Some(mac), Some(ip)) = (&ws.mac, ws.ip) {
             self.hv.add_dhcp_host(mac, ip, ws.id.as_str()).await?;
@@ -463,28 +459,6 @@ fn log_background(id: &WorkspaceId, what: &str, result: Result<Workspace>) {
     }
 }
 
-/// The last `max` bytes of a file; a missing file is empty.
-pub fn tail(path: &std::path::Path, max: usize) -> Result<Vec<u8>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(Error::Internal(format!(
-                "cannot read {}: {e}",
-                path.display()
-            )))
-        }
-    };
-    let io = |e: std::io::Error| Error::Internal(format!("cannot read {}: {e}", path.display()));
-    let len = f.metadata().map_err(io)?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(max as u64)))
-        .map_err(io)?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf).map_err(io)?;
-    Ok(buf)
-}
-
 /// What `create_workspace` is asked for.
 #[derive(Clone, Debug, Default)]
 pub struct CreateWorkspace {
@@ -522,7 +496,7 @@ fn daemon_key(layout: &Layout) -> Result<KeyPair> {
     let write = |p: &std::path::Path, s: &str, mode: u32| -> Result<()> {
         std::fs::write(p, s)
             .map_err(|e| Error::Internal(format!("cannot write {}: {e}", p.display())))?;
-        images::set_mode(p, mode)
+        files::set_mode(p, mode)
     };
     write(&private, &pair.private, 0o600)?;
     write(&public, &format!("{}\n", pair.public), 0o644)?;

@@ -70,7 +70,7 @@ impl Manager {
                     dir.display()
                 )))
             })?;
-            images::set_mode(&dir, 0o755).map_err(cleanup)?;
+            files::set_mode(&dir, 0o755).map_err(cleanup)?;
             for (from, to) in [
                 (&kernel, self.layout.kernel(&name)),
                 (&initrd, self.layout.initrd(&name)),
@@ -86,7 +86,7 @@ impl Manager {
                         to.display()
                     )))
                 })?;
-                images::set_mode(&to, 0o644).map_err(cleanup)?;
+                files::set_mode(&to, 0o644).map_err(cleanup)?;
             }
         }
         let image = Image {
