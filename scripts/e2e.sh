@@ -6,6 +6,7 @@
 #
 #   scripts/e2e.sh                 # build guest images if needed, run tests/tests/e2e.rs
 #   AETHER_E2E_DEBIAN=0 scripts/e2e.sh   # skip the (slow) real Debian 12 image test
+#   AETHER_E2E_FILTER=uefi scripts/e2e.sh  # only the tests whose name contains "uefi"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -52,7 +53,7 @@ if [ "${1:-}" = --inner ]; then
   log "libvirtd up: $(virsh -c qemu:///system version | grep -i 'running hypervisor' | sed 's/.*: //')"
   results=$(mktemp)
   rc=0
-  cargo test --offline --locked -p aether-tests --test e2e -- --ignored --test-threads=1 2>&1 \
+  cargo test --offline --locked -p aether-tests --test e2e -- --ignored --test-threads=1 ${AETHER_E2E_FILTER:-} 2>&1 \
     | tee "$results" || rc=$?
   if [ "$rc" -eq 0 ]; then
     log "benchmark: workspace create time against image size"
@@ -66,7 +67,7 @@ fi
 [ "$(id -u)" -eq 0 ] || die "run as root (it starts libvirtd and creates a network namespace)"
 
 RUNTIME=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
-  dnsmasq-base iptables openssh-client iproute2 util-linux)
+  dnsmasq-base iptables openssh-client iproute2 util-linux ovmf mtools)
 ensure_packages "${RUNTIME[@]}"
 ensure_qemu_user
 

@@ -277,3 +277,74 @@ fn a_qemu_that_dies_ends_in_error() {
     assert_eq!(ssh(&env, &ws, "cat /etc/hostname").trim(), ws);
     env.ok(&["workspace", "delete", &ws, "--force"]);
 }
+
+/// A UEFI disk image made here: a FAT "superfloppy" (no partition table, which OVMF reads as
+/// one filesystem) holding the test guest's kernel and initrd and a `startup.nsh` that OVMF's
+/// UEFI shell runs, booting the kernel through its EFI stub.
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn uefi_disk_boot_with_ovmf() {
+    let env = testguest_env("");
+    let guest = image_dir("AETHER_E2E_TESTGUEST").unwrap();
+    let disk = env.dir.path().join("uefi.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(Command::new("mformat")
+        .arg("-i")
+        .arg(&disk)
+        .args(["-F", "-v", "UEFI", "::"]));
+    let cmdline = std::fs::read_to_string(guest.join("cmdline")).unwrap();
+    let nsh = env.dir.path().join("startup.nsh");
+    std::fs::write(
+        &nsh,
+        format!(
+            "fs0:\r\n\\vmlinuz initrd=\\initrd.img {}\r\n",
+            cmdline.trim()
+        ),
+    )
+    .unwrap();
+    for f in [guest.join("vmlinuz"), guest.join("initrd.img"), nsh] {
+        run(Command::new("mcopy").arg("-i").arg(&disk).arg(&f).arg("::"));
+    }
+    env.ok(&[
+        "image",
+        "import",
+        "uefi-guest",
+        disk.to_str().unwrap(),
+        "--boot",
+        "uefi",
+    ]);
+    assert_eq!(env.json(&["image", "list"])[1]["boot_mode"], "uefi");
+    let ws = create(
+        &env,
+        &[
+            "--image",
+            "uefi-guest",
+            "--cpus",
+            "1",
+            "--memory",
+            "512",
+            "--volume-size",
+            "1",
+        ],
+    );
+    let xml = env.virsh(&["dumpxml", &format!("aether-{ws}")]);
+    assert!(
+        xml.contains("firmware='efi'") || xml.contains("OVMF"),
+        "{xml}"
+    );
+    env.ok(&["workspace", "start", &ws]);
+    assert_eq!(ssh(&env, &ws, "cat /etc/hostname").trim(), ws);
+    env.ok(&["workspace", "stop", &ws]);
+    env.ok(&["workspace", "delete", &ws]);
+}
