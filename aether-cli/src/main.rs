@@ -3,16 +3,18 @@
 //! Exit codes: 0 success; 1 the request failed (the daemon's one-line reason is printed on
 //! stderr); 2 the command line was invalid.
 
+mod autostart;
 mod client;
+mod forward;
 mod identity;
 mod image;
 mod output;
 mod ssh;
+mod watch;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use aether_proto::v1 as pb;
 use anyhow::{anyhow, bail, Context};
@@ -65,6 +67,13 @@ enum Command {
     /// The host aetherd runs on.
     #[command(subcommand)]
     Host(HostCmd),
+    /// Print OpenSSH config `Host` entries for workspaces and pin their host keys:
+    /// `aether ssh-config >> ~/.ssh/config` makes `ssh ws-abc123`, scp, rsync and VS Code
+    /// Remote-SSH work.
+    SshConfig {
+        /// Workspaces [default: all of yours].
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -171,6 +180,16 @@ enum WorkspaceCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Print the workspaces' state as it changes: a snapshot, then every change (state,
+    /// phase, reason, connections, idle clock) with an increasing sequence number, until
+    /// interrupted. `-o json` prints one JSON object per line.
+    Watch {
+        /// Only this workspace.
+        id: Option<String>,
+        /// Only workspaces of this project (id or name).
+        #[arg(long)]
+        project: Option<String>,
+    },
     /// Show the workspace's serial console log (kept on disk across boots).
     Logs {
         id: String,
@@ -187,21 +206,30 @@ enum WorkspaceCmd {
         #[command(flatten)]
         hardware: HardwareArgs,
     },
-    /// Open an SSH session in a running workspace (runs the system `ssh` through the daemon,
-    /// with the workspace's host key pinned).
+    /// Open an SSH session in a workspace, starting it first if it is stopped (runs the system
+    /// `ssh` through the daemon, with the workspace's host key pinned).
     Ssh {
-        id: String,
+        /// Workspace [default: the only workspace of the current project].
+        id: Option<String>,
         /// Command to run instead of a login shell.
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
     },
-    /// Bridge stdin and stdout to a TCP port of a running workspace through the daemon
-    /// (ssh's ProxyCommand).
+    /// Bridge stdin and stdout to a TCP port of a workspace through the daemon, starting it
+    /// first if it is stopped (ssh's ProxyCommand).
     Proxy {
         id: String,
         /// Guest TCP port.
         #[arg(long, default_value_t = 22, value_parser = clap::value_parser!(u16).range(1..))]
         port: u16,
+    },
+    /// Forward ports of 127.0.0.1 to ports of a workspace (starting it first if it is
+    /// stopped) until interrupted.
+    PortForward {
+        id: String,
+        /// LOCAL:REMOTE port pairs, e.g. 8080:80.
+        #[arg(required = true, value_name = "LOCAL:REMOTE", value_parser = forward::parse_forward)]
+        forwards: Vec<forward::Forward>,
     },
 }
 
@@ -223,6 +251,10 @@ struct HardwareArgs {
     /// A GPU kind this host has (see `aether host info`); "" removes the GPU.
     #[arg(long)]
     gpu_kind: Option<String>,
+    /// Stop the workspace after this long with no connection and no task: 90s, 30m, 2h, or
+    /// 0 for never [create default: the daemon's idle_timeout, 10m].
+    #[arg(long, value_name = "DURATION")]
+    idle_timeout: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -289,6 +321,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match format {
                 Format::Json => emit_json(&output::host_json(&h))?,
                 Format::Table => emit(&output::host_details(&h))?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SshConfig { ids } => {
+            let mut c = client::connect(&cli.socket).await?;
+            let entries = ssh::ssh_config(&mut c, &cli.socket, &config_dir()?, &ids).await?;
+            match format {
+                Format::Json => emit_json(&entries.iter().map(ssh::HostEntry::json).collect())?,
+                Format::Table => emit(
+                    &entries
+                        .iter()
+                        .map(ssh::HostEntry::config_block)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                )?,
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -513,6 +560,7 @@ async fn workspace(
                     image: image.unwrap_or_default(),
                     login_user: identity::login_user(),
                     ssh_authorized_keys: vec![identity::find_or_create(&config_dir()?)?.public_key],
+                    idle_timeout: hardware.idle_timeout,
                 })
                 .await?
                 .into_inner();
@@ -582,6 +630,15 @@ async fn workspace(
                 emit_json(&serde_json::json!({ "id": id, "deleted": true }))?;
             }
         }
+        WorkspaceCmd::Watch { id, project } => {
+            watch::watch(
+                c,
+                format == Format::Json,
+                id.as_deref().unwrap_or(""),
+                project.as_deref().unwrap_or(""),
+            )
+            .await?;
+        }
         WorkspaceCmd::Logs { id, console, bytes } => {
             if !console {
                 bail!("say which log: --console");
@@ -609,46 +666,36 @@ async fn workspace(
                     memory_mb: hardware.memory,
                     volume_size_gb: hardware.volume_size,
                     gpu_kind: hardware.gpu_kind,
+                    idle_timeout: hardware.idle_timeout,
                 })
                 .await?
                 .into_inner();
             show_workspace(format, &w)?;
         }
         WorkspaceCmd::Ssh { id, command } => {
+            let id = match id {
+                Some(id) => id,
+                None => autostart::only_workspace_of_current_project(c).await?,
+            };
             ssh::ssh(c, socket, &config_dir()?, id, &command).await?;
         }
         WorkspaceCmd::Proxy { id, port } => ssh::proxy(c, id, port).await?,
+        WorkspaceCmd::PortForward { id, forwards } => {
+            forward::port_forward(c, &id, &forwards).await?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Polls the workspace until it leaves `transitional`, printing progress on stderr for
-/// people. The daemon bounds every transitional state (boot and stop timeouts), so this ends.
+/// Waits until the workspace leaves `transitional`, with live progress on stderr for
+/// people (see `watch::wait_while`).
 async fn wait_while(
     c: &mut Client,
     format: Format,
-    mut w: pb::Workspace,
+    w: pb::Workspace,
     transitional: pb::WorkspaceState,
 ) -> anyhow::Result<pb::Workspace> {
-    let started = Instant::now();
-    let mut last_note = Instant::now();
-    while w.state == transitional as i32 {
-        if format == Format::Table && last_note.elapsed() >= Duration::from_secs(5) {
-            eprintln!(
-                "{}: {} ({} s)",
-                w.id,
-                output::state_name(w.state),
-                started.elapsed().as_secs()
-            );
-            last_note = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        w = c
-            .get_workspace(pb::GetWorkspaceRequest { id: w.id.clone() })
-            .await?
-            .into_inner();
-    }
-    Ok(w)
+    watch::wait_while(c, w, transitional, format == Format::Table).await
 }
 
 /// Reports the outcome of start/stop; anything but `wanted` (after waiting) is a failure.

@@ -84,6 +84,17 @@ pub fn datetime(unix: i64) -> String {
     )
 }
 
+/// `90s`, `30m`, `2h`, `1h30m`.
+pub fn duration(secs: u64) -> String {
+    match (secs / 3600, (secs % 3600) / 60, secs % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (h, 0, 0) => format!("{h}h"),
+        (h, m, 0) if h > 0 => format!("{h}h{m}m"),
+        _ => format!("{secs}s"),
+    }
+}
+
 /// Left-aligned columns separated by two spaces; no trailing spaces.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -169,6 +180,25 @@ pub fn workspace_details(w: &pb::Workspace) -> String {
     }
     if !w.login_user.is_empty() {
         lines.push(("login user", w.login_user.clone()));
+    }
+    if !w.phase.is_empty() {
+        lines.push(("phase", w.phase.clone()));
+    }
+    lines.push((
+        "idle timeout",
+        if w.idle_timeout_secs == 0 {
+            "never".to_owned()
+        } else {
+            duration(w.idle_timeout_secs)
+        },
+    ));
+    lines.push(("connections", w.active_connections.to_string()));
+    lines.push(("running tasks", w.running_tasks.to_string()));
+    if w.idle_since > 0 {
+        lines.push(("idle since", datetime(w.idle_since)));
+    }
+    if w.stops_at > 0 {
+        lines.push(("stops at", datetime(w.stops_at)));
     }
     lines.push(("created", datetime(w.created_at)));
     lines.push(("domain", w.domain_name.clone()));
@@ -284,6 +314,12 @@ pub fn workspace_json(w: &pb::Workspace) -> Value {
         "image": w.image,
         "login_user": w.login_user,
         "ssh_host_public_key": w.ssh_host_public_key,
+        "phase": w.phase,
+        "idle_timeout_secs": w.idle_timeout_secs,
+        "active_connections": w.active_connections,
+        "running_tasks": w.running_tasks,
+        "idle_since": w.idle_since,
+        "stops_at": w.stops_at,
     })
 }
 
@@ -318,6 +354,15 @@ mod tests {
         assert_eq!(date(1_773_532_800), "2026-03-15");
         assert_eq!(date(951_782_400), "2000-02-29");
         assert_eq!(datetime(1_773_532_800 + 3661), "2026-03-15 01:01:01 UTC");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration(90), "90s");
+        assert_eq!(duration(1800), "30m");
+        assert_eq!(duration(7200), "2h");
+        assert_eq!(duration(5400), "1h30m");
+        assert_eq!(duration(3601), "3601s");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use aether_proto::v1 as pb;
 use anyhow::{anyhow, bail, Context};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 
 use crate::client::Client;
 use crate::{identity, output};
@@ -192,10 +193,7 @@ pub async fn ssh(
     command: &[String],
 ) -> anyhow::Result<()> {
     check_workspace_id(&id)?;
-    let w = c
-        .get_workspace(pb::GetWorkspaceRequest { id })
-        .await?
-        .into_inner();
+    let w = crate::autostart::ensure_running(c, &id).await?;
     check_workspace_id(&w.id)?;
     if let Some(why) = ssh_refusal(&w) {
         bail!(why);
@@ -221,18 +219,233 @@ pub async fn ssh(
     Err(anyhow!(e).context("cannot run ssh (install openssh-client)"))
 }
 
-/// `aether workspace proxy`: bridges stdin and stdout to `port` of the workspace until the
-/// tunnel ends (the guest closed the connection). The end of stdin half-closes it.
-pub async fn proxy(c: &mut Client, id: String, port: u16) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(pb::TunnelRequest {
+/// A path for an ssh_config file option that expands `%` tokens (IdentityFile,
+/// UserKnownHostsFile): double-quoted (it may contain spaces), `%` doubled; refused besides
+/// what [`ssh_path`] refuses: `\`, an escape character in ssh_config.
+fn config_path(what: &str, path: &Path) -> anyhow::Result<String> {
+    let s = ssh_path(what, path)?;
+    if s.contains('\\') {
+        bail!("{what} {s:?} contains a backslash, which ssh_config cannot take");
+    }
+    Ok(format!("\"{s}\""))
+}
+
+/// One `Host` block of `aether ssh-config`.
+#[derive(Debug)]
+pub struct HostEntry {
+    pub id: String,
+    pub project: String,
+    /// `<project>.aether`, when the workspace is the only one of its project.
+    pub project_alias: Option<String>,
+    pub user: String,
+    pub identity_file: PathBuf,
+    pub known_hosts: PathBuf,
+    pub proxy_command: String,
+    /// `identity_file` and `known_hosts` as ssh_config values.
+    identity_value: String,
+    known_hosts_value: String,
+}
+
+impl HostEntry {
+    /// Validates and quotes everything that goes into the block.
+    pub fn new(
+        w: &pb::Workspace,
+        only_one_in_project: bool,
+        exe: &Path,
+        socket: &Path,
+        identity_file: &Path,
+        known_hosts: &Path,
+    ) -> anyhow::Result<HostEntry> {
+        let proxy_command = proxy_command(exe, socket, &w.id)?;
+        if !identity::valid_login(&w.login_user) {
+            bail!(
+                "workspace {} has an invalid login user {:?}",
+                w.id,
+                w.login_user
+            );
+        }
+        // Project names are [a-z0-9-]: nothing in them means anything to a Host pattern.
+        let project_alias = (only_one_in_project && valid_project_name(&w.project_name))
+            .then(|| format!("{}.aether", w.project_name));
+        Ok(HostEntry {
+            id: w.id.clone(),
+            project: w.project_name.clone(),
+            project_alias,
+            user: w.login_user.clone(),
+            identity_value: config_path("the private key path", identity_file)?,
+            known_hosts_value: config_path("the known_hosts path", known_hosts)?,
+            identity_file: identity_file.to_owned(),
+            known_hosts: known_hosts.to_owned(),
+            proxy_command,
+        })
+    }
+
+    /// The names ssh matches: the id, then `<project>.aether` if there is one.
+    pub fn aliases(&self) -> Vec<String> {
+        std::iter::once(self.id.clone())
+            .chain(self.project_alias.clone())
+            .collect()
+    }
+
+    /// The OpenSSH `Host` block. ProxyCommand takes the rest of its line, as a shell command.
+    pub fn config_block(&self) -> String {
+        format!(
+            "# aether workspace {id} (project {project})\n\
+             Host {hosts}\n\
+             \x20   User {user}\n\
+             \x20   IdentityFile {identity}\n\
+             \x20   IdentitiesOnly yes\n\
+             \x20   UserKnownHostsFile {known_hosts}\n\
+             \x20   StrictHostKeyChecking yes\n\
+             \x20   HostKeyAlias {id}\n\
+             \x20   ProxyCommand {proxy}\n",
+            id = self.id,
+            project = self.project,
+            hosts = self.aliases().join(" "),
+            user = self.user,
+            identity = self.identity_value,
+            known_hosts = self.known_hosts_value,
+            proxy = self.proxy_command,
+        )
+    }
+
+    /// The same data for `-o json`.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "workspace_id": self.id,
+            "project_name": self.project,
+            "hosts": self.aliases(),
+            "user": self.user,
+            "identity_file": self.identity_file.to_string_lossy(),
+            "identities_only": true,
+            "user_known_hosts_file": self.known_hosts.to_string_lossy(),
+            "strict_host_key_checking": true,
+            "host_key_alias": self.id,
+            "proxy_command": self.proxy_command,
+        })
+    }
+}
+
+/// `^[a-z0-9][a-z0-9-]{0,62}$`, the daemon's project name rule.
+fn valid_project_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0] != b'-'
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// `aether ssh-config`: a `Host` entry for each of the workspaces `ids` (all the caller's
+/// when empty), with their host keys pinned in known_hosts files under `config_dir`. A
+/// workspace without a host key is an error when named, and skipped (with a note on stderr)
+/// otherwise.
+pub async fn ssh_config(
+    c: &mut Client,
+    socket: &Path,
+    config_dir: &Path,
+    ids: &[String],
+) -> anyhow::Result<Vec<HostEntry>> {
+    for id in ids {
+        check_workspace_id(id)?;
+    }
+    let all = c
+        .list_workspaces(pb::ListWorkspacesRequest::default())
+        .await?
+        .into_inner()
+        .workspaces;
+    let mut per_project = std::collections::HashMap::<&str, usize>::new();
+    for w in &all {
+        *per_project.entry(w.project_id.as_str()).or_default() += 1;
+    }
+    let mut chosen: Vec<pb::Workspace> = Vec::new();
+    if ids.is_empty() {
+        chosen.extend(all.iter().cloned());
+    } else {
+        for id in ids {
+            if chosen.iter().any(|w| &w.id == id) {
+                continue;
+            }
+            // Asked one by one, so an unknown id fails as it does everywhere else.
+            let w = c
+                .get_workspace(pb::GetWorkspaceRequest { id: id.clone() })
+                .await?
+                .into_inner();
+            chosen.push(w);
+        }
+    }
+    let identity = identity::find_or_create(config_dir)?;
+    let exe = std::env::current_exe().context("cannot find the aether executable's path")?;
+    let socket = std::path::absolute(socket)
+        .with_context(|| format!("cannot resolve {}", socket.display()))?;
+    let mut entries = Vec::new();
+    for w in &chosen {
+        check_workspace_id(&w.id)?;
+        if w.ssh_host_public_key.trim().is_empty() {
+            let why = format!(
+                "workspace {} has no SSH host key; it was not created with SSH access",
+                w.id
+            );
+            if ids.is_empty() {
+                eprintln!("aether: skipped: {why}");
+                continue;
+            }
+            bail!(why);
+        }
+        let only_one = per_project
+            .get(w.project_id.as_str())
+            .is_none_or(|n| *n == 1);
+        let known_hosts = config_dir.join("known_hosts").join(&w.id);
+        entries.push(HostEntry::new(
+            w,
+            only_one,
+            &exe,
+            &socket,
+            &identity.private_key,
+            &known_hosts,
+        )?);
+    }
+    // Everything is valid: now pin the keys.
+    for w in chosen
+        .iter()
+        .filter(|w| entries.iter().any(|e| e.id == w.id))
+    {
+        write_known_hosts(config_dir, w)?;
+    }
+    Ok(entries)
+}
+
+/// Opens a tunnel to `port` of workspace `id`: the bytes sent into `to_guest` go to the guest
+/// (dropping its sender half-closes the guest connection), the guest's bytes come out of the
+/// returned stream, which ends after the guest's EOF. Fails as the daemon refuses (unknown
+/// workspace, not running, nothing listening on the port).
+pub async fn open_tunnel(
+    c: &mut Client,
+    id: &str,
+    port: u16,
+    to_guest: mpsc::Receiver<Vec<u8>>,
+) -> anyhow::Result<tonic::Streaming<pb::TunnelResponse>> {
+    let open = pb::TunnelRequest {
         msg: Some(pb::tunnel_request::Msg::Open(pb::TunnelOpen {
-            workspace_id: id,
+            workspace_id: id.to_owned(),
             port: port.into(),
         })),
-    })
-    .await
-    .expect("the receiver is alive");
+    };
+    let data = ReceiverStream::new(to_guest).map(|data| pb::TunnelRequest {
+        msg: Some(pb::tunnel_request::Msg::Data(data)),
+    });
+    Ok(c.tunnel(tokio_stream::once(open).chain(data))
+        .await?
+        .into_inner())
+}
+
+/// `aether workspace proxy`: starts the workspace if it is stopped (progress on stderr: stdout
+/// carries the connection), then bridges stdin and stdout to `port` of the workspace until the
+/// tunnel ends (the guest closed the connection). The end of stdin half-closes it.
+pub async fn proxy(c: &mut Client, id: String, port: u16) -> anyhow::Result<()> {
+    check_workspace_id(&id)?;
+    let w = crate::autostart::ensure_running(c, &id).await?;
+    let (tx, rx) = mpsc::channel(8);
     // Plain blocking reads on a thread of their own: tokio's stdin cannot be cancelled, and a
     // read still pending when the guest closes must not keep the process alive.
     std::thread::spawn(move || {
@@ -242,10 +455,7 @@ pub async fn proxy(c: &mut Client, id: String, port: u16) -> anyhow::Result<()> 
             match stdin.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    let msg = pb::TunnelRequest {
-                        msg: Some(pb::tunnel_request::Msg::Data(buf[..n].to_vec())),
-                    };
-                    if tx.blocking_send(msg).is_err() {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
                         break;
                     }
                 }
@@ -258,7 +468,7 @@ pub async fn proxy(c: &mut Client, id: String, port: u16) -> anyhow::Result<()> 
         }
         // Dropping `tx` ends the request stream: the daemon half-closes the guest connection.
     });
-    let mut responses = c.tunnel(ReceiverStream::new(rx)).await?.into_inner();
+    let mut responses = open_tunnel(c, &w.id, port, rx).await?;
     // Blocking writes are fine here: they only hold back reading more of the tunnel, which is
     // the back-pressure we want, and ssh reads its ProxyCommand's output in its own loop.
     let mut stdout = std::io::stdout();
@@ -428,6 +638,86 @@ mod tests {
         let mut w = workspace(pb::WorkspaceState::Running);
         w.ssh_host_public_key.clear();
         assert!(ssh_refusal(&w).unwrap().contains("no SSH host key"));
+    }
+
+    fn entry(only_one: bool, key: &str, known_hosts: &str) -> anyhow::Result<HostEntry> {
+        let mut w = workspace(pb::WorkspaceState::Stopped);
+        w.project_name = "my-app".into();
+        HostEntry::new(
+            &w,
+            only_one,
+            Path::new("/usr/local/bin/aether"),
+            Path::new("/run/aether/aetherd.sock"),
+            Path::new(key),
+            Path::new(known_hosts),
+        )
+    }
+
+    #[test]
+    fn ssh_config_block() {
+        let e = entry(
+            true,
+            "/home/dev/.ssh/id_ed25519",
+            "/home/dev/.config/aether/known_hosts/ws-abc123",
+        )
+        .unwrap();
+        assert_eq!(
+            e.config_block(),
+            "# aether workspace ws-abc123 (project my-app)\n\
+             Host ws-abc123 my-app.aether\n\
+             \x20   User dev\n\
+             \x20   IdentityFile \"/home/dev/.ssh/id_ed25519\"\n\
+             \x20   IdentitiesOnly yes\n\
+             \x20   UserKnownHostsFile \"/home/dev/.config/aether/known_hosts/ws-abc123\"\n\
+             \x20   StrictHostKeyChecking yes\n\
+             \x20   HostKeyAlias ws-abc123\n\
+             \x20   ProxyCommand '/usr/local/bin/aether' --socket '/run/aether/aetherd.sock' workspace proxy ws-abc123\n"
+        );
+        let j = e.json();
+        assert_eq!(
+            j["hosts"],
+            serde_json::json!(["ws-abc123", "my-app.aether"])
+        );
+        assert_eq!(j["identity_file"], "/home/dev/.ssh/id_ed25519");
+        assert_eq!(j["host_key_alias"], "ws-abc123");
+        assert_eq!(j["proxy_command"], e.proxy_command.as_str());
+        // Not the only workspace of its project: no project alias.
+        let e = entry(false, "/k", "/kh").unwrap();
+        assert!(e.config_block().contains("\nHost ws-abc123\n"));
+        assert_eq!(e.aliases(), ["ws-abc123"]);
+    }
+
+    #[test]
+    fn ssh_config_paths_are_quoted_or_refused() {
+        let e = entry(true, "/home/a b/100%/id", "/home/a b/kh").unwrap();
+        let block = e.config_block();
+        assert!(
+            block.contains("    IdentityFile \"/home/a b/100%%/id\"\n"),
+            "{block}"
+        );
+        assert!(block.contains("    UserKnownHostsFile \"/home/a b/kh\"\n"));
+        for (key, kh) in [
+            ("/home/a\\b/id", "/kh"),
+            ("/home/\"x\"/id", "/kh"),
+            ("/home/${USER}/id", "/kh"),
+            ("/k", "/home/a\nb/kh"),
+        ] {
+            assert!(entry(true, key, kh).is_err(), "{key:?} {kh:?}");
+        }
+        let mut w = workspace(pb::WorkspaceState::Running);
+        w.login_user = "-oProxyCommand=x".into();
+        let e = HostEntry::new(
+            &w,
+            true,
+            Path::new("/a"),
+            Path::new("/s"),
+            Path::new("/k"),
+            Path::new("/kh"),
+        );
+        assert!(e.is_err());
+        assert!(
+            valid_project_name("my-app") && !valid_project_name("*") && !valid_project_name("")
+        );
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub struct Config {
     /// Seconds from boot until the guest must answer SSH, else the workspace goes to `error`.
     /// Unset: 120 with KVM, 300 with TCG (software emulation is much slower).
     pub boot_timeout_secs: Option<u64>,
+    /// Stop a running workspace after this long with no connection and no task: "90s",
+    /// "30m", "2h", "0" (never). Workspaces can override it.
+    pub idle_timeout: String,
 }
 
 impl Default for Config {
@@ -59,6 +62,7 @@ impl Default for Config {
             default_image: String::new(),
             network_cidr: None,
             boot_timeout_secs: None,
+            idle_timeout: "10m".to_owned(),
         }
     }
 }
@@ -88,7 +92,14 @@ impl Config {
             self.libvirt_timeout_secs >= 1,
             "libvirt_timeout_secs must be at least 1"
         );
+        crate::model::parse_duration_secs(&self.idle_timeout)
+            .map_err(|e| anyhow::anyhow!("idle_timeout: {e}"))?;
         Ok(())
+    }
+
+    /// The default idle timeout in seconds (0: never); validated at load.
+    pub fn idle_timeout_secs(&self) -> u64 {
+        crate::model::parse_duration_secs(&self.idle_timeout).unwrap_or(600)
     }
 }
 

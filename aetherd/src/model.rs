@@ -194,6 +194,17 @@ pub struct HardwareRequest {
     pub gpu_kind: Option<String>,
 }
 
+impl HardwareRequest {
+    /// Whether no field is set.
+    pub fn is_empty(&self) -> bool {
+        self.cpu_kind.is_none()
+            && self.cpus.is_none()
+            && self.memory_mb.is_none()
+            && self.volume_size_gb.is_none()
+            && self.gpu_kind.is_none()
+    }
+}
+
 /// What the host offers, against which hardware is validated.
 #[derive(Clone, Debug)]
 pub struct HardwareLimits {
@@ -290,9 +301,44 @@ impl fmt::Display for Hardware {
     }
 }
 
+/// Parses an idle timeout: `0` (never), `N` or `Ns` seconds, `Nm` minutes, `Nh` hours.
+pub fn parse_duration_secs(s: &str) -> Result<u64> {
+    let bad = || {
+        Error::invalid(format!(
+            "invalid duration {s:?}: use a number with s, m or h, such as 90s, 30m, 2h (0 means never)"
+        ))
+    };
+    let (digits, unit) = match s.char_indices().last() {
+        Some((i, c @ ('s' | 'm' | 'h'))) => (&s[..i], c),
+        Some(_) => (s, 's'),
+        None => return Err(bad()),
+    };
+    if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    Ok(match unit {
+        'h' => n * 3600,
+        'm' => n * 60,
+        _ => n,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_secs("0").unwrap(), 0);
+        assert_eq!(parse_duration_secs("90s").unwrap(), 90);
+        assert_eq!(parse_duration_secs("30m").unwrap(), 1800);
+        assert_eq!(parse_duration_secs("2h").unwrap(), 7200);
+        assert_eq!(parse_duration_secs("45").unwrap(), 45);
+        for bad in ["", "m", "-1m", "1.5h", "10d", "1 m", "9999999999s"] {
+            assert!(parse_duration_secs(bad).is_err(), "{bad}");
+        }
+    }
 
     fn limits() -> HardwareLimits {
         HardwareLimits {

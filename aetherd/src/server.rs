@@ -38,7 +38,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("cannot prepare storage pool, network or keys")?;
     manager.reconcile().await.context("reconcile failed")?;
-    manager.watch_events();
+    manager
+        .start_background()
+        .context("cannot start background tasks")?;
 
     tracing::info!(socket = %socket.display(), "serving");
     crate::notify::ready();

@@ -59,6 +59,9 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE workspaces ADD COLUMN ip TEXT;
     CREATE UNIQUE INDEX workspaces_mac ON workspaces(mac);
     CREATE UNIQUE INDEX workspaces_ip ON workspaces(ip);",
+    // 3: idle auto-stop: per-workspace timeout (NULL: the daemon's) and the idle clock.
+    "ALTER TABLE workspaces ADD COLUMN idle_timeout_secs INTEGER;
+    ALTER TABLE workspaces ADD COLUMN idle_since INTEGER;",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +92,10 @@ pub struct Workspace {
     pub ssh_host_public_key: String,
     pub mac: Option<String>,
     pub ip: Option<std::net::Ipv4Addr>,
+    /// Own idle timeout in seconds (0: never); `None`: the daemon's.
+    pub idle_timeout_secs: Option<u64>,
+    /// Since when the running workspace has been idle (unix seconds).
+    pub idle_since: Option<i64>,
 }
 
 /// What a new workspace row is made of.
@@ -103,6 +110,7 @@ pub struct NewWorkspace<'a> {
     pub ssh_host_public_key: &'a str,
     pub mac: Option<&'a str>,
     pub ip: Option<std::net::Ipv4Addr>,
+    pub idle_timeout_secs: Option<u64>,
 }
 
 /// Which rows a caller may see: `None` for root/admins, `Some(uid)` for a plain user.
@@ -132,7 +140,7 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
 
 const WORKSPACE_COLUMNS: &str = "w.id, w.project_id, p.name, w.owner_uid, w.uuid, w.state, \
      w.generation, w.reason, w.hardware, w.pending_hardware, w.created_at, w.image, w.login_user, \
-     w.ssh_host_public_key, w.mac, w.ip";
+     w.ssh_host_public_key, w.mac, w.ip, w.idle_timeout_secs, w.idle_since";
 
 fn workspace_from_row(r: &Row<'_>) -> rusqlite::Result<Workspace> {
     let hw = |s: String| serde_json::from_str::<Hardware>(&s).map_err(|e| corrupt("hardware", e));
@@ -158,6 +166,8 @@ fn workspace_from_row(r: &Row<'_>) -> rusqlite::Result<Workspace> {
             .get::<_, Option<String>>(15)?
             .map(|s| s.parse().map_err(|e| corrupt("ip", e)))
             .transpose()?,
+        idle_timeout_secs: r.get::<_, Option<i64>>(16)?.map(|v| v as u64),
+        idle_since: r.get(17)?,
     })
 }
 
@@ -299,8 +309,8 @@ impl Store {
             let created_at = now();
             let res = conn.execute(
                 "INSERT INTO workspaces (id, project_id, owner_uid, uuid, state, hardware, created_at,
-                     updated_at, image, login_user, ssh_host_public_key, mac, ip)
-                 VALUES (?1, ?2, ?3, ?4, 'stopped', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
+                     updated_at, image, login_user, ssh_host_public_key, mac, ip, idle_timeout_secs)
+                 VALUES (?1, ?2, ?3, ?4, 'stopped', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![
                     id.as_str(),
                     project.id.as_str(),
@@ -312,7 +322,8 @@ impl Store {
                     new.login_user,
                     new.ssh_host_public_key,
                     new.mac,
-                    new.ip.map(|ip| ip.to_string())
+                    new.ip.map(|ip| ip.to_string()),
+                    new.idle_timeout_secs.map(|v| v as i64)
                 ],
             );
             match res {
@@ -334,6 +345,8 @@ impl Store {
                         ssh_host_public_key: new.ssh_host_public_key.to_owned(),
                         mac: new.mac.map(str::to_owned),
                         ip: new.ip,
+                        idle_timeout_secs: new.idle_timeout_secs,
+                        idle_since: None,
                     })
                 }
                 Err(rusqlite::Error::SqliteFailure(e, msg))
@@ -454,6 +467,24 @@ impl Store {
                 ws.generation as i64
             ],
         )
+    }
+
+    /// Records (or clears) the idle clock. Bookkeeping, not a state change: not gated.
+    pub fn set_idle_since(&self, id: &WorkspaceId, since: Option<i64>) -> Result<()> {
+        self.conn().execute(
+            "UPDATE workspaces SET idle_since = ?1 WHERE id = ?2",
+            params![since, id.as_str()],
+        )?;
+        Ok(())
+    }
+
+    /// Sets the workspace's own idle timeout (`None`: the daemon's).
+    pub fn set_idle_timeout(&self, id: &WorkspaceId, secs: Option<u64>) -> Result<()> {
+        self.conn().execute(
+            "UPDATE workspaces SET idle_timeout_secs = ?1 WHERE id = ?2",
+            params![secs.map(|v| v as i64), id.as_str()],
+        )?;
+        Ok(())
     }
 
     /// Deletes the row of a workspace whose generation is still `ws.generation`.
@@ -627,6 +658,7 @@ mod tests {
             ssh_host_public_key: "",
             mac: None,
             ip: None,
+            idle_timeout_secs: None,
         })
         .unwrap()
     }

@@ -124,12 +124,31 @@ where
 #[derive(Clone, Default)]
 pub struct Connections {
     counts: Arc<Mutex<HashMap<WorkspaceId, usize>>>,
+    /// Told the workspace id whenever its count changes (the idle timer listens).
+    notify: Option<tokio::sync::mpsc::UnboundedSender<WorkspaceId>>,
 }
 
 impl Connections {
+    /// Counts that report every change of a workspace's count to `notify`.
+    pub fn with_notify(notify: tokio::sync::mpsc::UnboundedSender<WorkspaceId>) -> Self {
+        Connections {
+            counts: Arc::default(),
+            notify: Some(notify),
+        }
+    }
+
+    fn changed(&self, id: &WorkspaceId) {
+        if let Some(tx) = &self.notify {
+            let _ = tx.send(id.clone());
+        }
+    }
+
     pub fn open(&self, id: &WorkspaceId) -> ConnectionGuard {
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        *counts.entry(id.clone()).or_default() += 1;
+        {
+            let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            *counts.entry(id.clone()).or_default() += 1;
+        }
+        self.changed(id);
         ConnectionGuard {
             connections: self.clone(),
             id: id.clone(),
@@ -150,17 +169,20 @@ pub struct ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        let mut counts = self
-            .connections
-            .counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.get_mut(&self.id) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.id);
+        {
+            let mut counts = self
+                .connections
+                .counts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = counts.get_mut(&self.id) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&self.id);
+                }
             }
         }
+        self.connections.changed(&self.id);
     }
 }
 

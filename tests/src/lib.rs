@@ -367,3 +367,48 @@ impl Drop for TestEnv {
         }
     }
 }
+
+/// The value of `key:` in a key/value block such as `aether workspace get` prints
+/// (alignment-independent).
+pub fn field(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    })
+}
+
+/// Helpers for tests that must not reach a guest (see `tests/tests/access.rs`).
+impl TestEnv {
+    /// Installs a stand-in `ssh` that writes its arguments, one a line, to a file and exits 0
+    /// without connecting anywhere. Returns the `PATH` that puts it first, and that file.
+    pub fn fake_ssh(&self) -> (String, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = self.dir.path().join("fake-bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let out = self.dir.path().join("ssh-args");
+        let script = bin.join("ssh");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\nprintf '%s\\n' \"$@\" > '{}'\n", out.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        (path, out)
+    }
+
+    /// Runs the CLI with `PATH` set to `path`.
+    pub fn run_with_path(&self, path: &str, args: &[&str]) -> Run {
+        self.cli()
+            .env("PATH", path)
+            .args(args)
+            .output()
+            .expect("run aether")
+            .into()
+    }
+}

@@ -348,3 +348,117 @@ fn uefi_disk_boot_with_ovmf() {
     env.ok(&["workspace", "stop", &ws]);
     env.ok(&["workspace", "delete", &ws]);
 }
+
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn idle_timeout_stops_an_unused_workspace_and_spares_one_with_an_open_ssh_session() {
+    let env = testguest_env("");
+    let unused = create(
+        &env,
+        &[
+            "--cpus",
+            "1",
+            "--memory",
+            "256",
+            "--volume-size",
+            "2",
+            "--idle-timeout",
+            "20s",
+        ],
+    );
+    let busy = create(
+        &env,
+        &[
+            "--cpus",
+            "1",
+            "--memory",
+            "256",
+            "--volume-size",
+            "2",
+            "--idle-timeout",
+            "20s",
+        ],
+    );
+    env.ok(&["workspace", "start", &unused]);
+    env.ok(&["workspace", "start", &busy]);
+    // An interactive-like session on `busy` that lasts 35 s.
+    let mut session = env
+        .cli()
+        .args(["workspace", "ssh", &busy, "--", "sleep 35"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let b = env.json(&["workspace", "get", &busy]);
+    assert_eq!(b["active_connections"], 1, "{b}");
+    assert_eq!(b["idle_since"], 0, "an open session is activity");
+
+    let stops_at = env.json(&["workspace", "get", &unused])["stops_at"]
+        .as_i64()
+        .unwrap();
+    assert!(stops_at > 0);
+    env.wait_for_state(&unused, "stopped", Duration::from_secs(60));
+    let stopped_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // Stopped at its deadline, not long after (the graceful stop itself takes ~5 s here).
+    assert!(
+        stopped_at >= stops_at && stopped_at <= stops_at + 20,
+        "deadline {stops_at}, stopped {stopped_at}"
+    );
+    assert_eq!(
+        env.json(&["workspace", "get", &unused])["reason"],
+        "idle timeout"
+    );
+
+    // The busy one outlived its timeout while the session was open...
+    assert_eq!(env.state_of(&busy), "running");
+    let status = session.wait().unwrap();
+    assert!(status.success(), "ssh session: {status}");
+    // ...and is stopped once it has been idle for its timeout after the session ended.
+    let b = env.json(&["workspace", "get", &busy]);
+    assert_eq!(b["active_connections"], 0, "{b}");
+    assert!(b["idle_since"].as_i64().unwrap() > 0, "{b}");
+    env.wait_for_state(&busy, "stopped", Duration::from_secs(60));
+    assert_eq!(
+        env.json(&["workspace", "get", &busy])["reason"],
+        "idle timeout"
+    );
+}
+
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn the_idle_clock_survives_a_daemon_restart() {
+    let mut env = testguest_env("");
+    let ws = create(
+        &env,
+        &[
+            "--cpus",
+            "1",
+            "--memory",
+            "256",
+            "--volume-size",
+            "2",
+            "--idle-timeout",
+            "1h",
+        ],
+    );
+    env.ok(&["workspace", "start", &ws]);
+    let before = env.json(&["workspace", "get", &ws]);
+    let since = before["idle_since"].as_i64().unwrap();
+    assert!(since > 0, "{before}");
+    std::thread::sleep(Duration::from_secs(2));
+    env.restart_daemon();
+    let after = env.json(&["workspace", "get", &ws]);
+    assert_eq!(
+        after["state"], "running",
+        "the VM kept running across the restart"
+    );
+    assert_eq!(
+        after["idle_since"].as_i64().unwrap(),
+        since,
+        "not reset by the restart"
+    );
+    assert_eq!(after["stops_at"].as_i64().unwrap(), since + 3600);
+    env.ok(&["workspace", "delete", &ws, "--force"]);
+}

@@ -187,7 +187,11 @@ fn workspaces_get_volume_seed_and_address_and_give_them_back() {
         .starts_with("ssh-ed25519 "));
     assert!(!a["login_user"].as_str().unwrap().is_empty());
     let get = env.ok(&["workspace", "get", &ida]);
-    assert!(get.contains(&format!("ip addresses: {}", ip(&a))), "{get}");
+    assert_eq!(
+        aether_tests::field(&get, "ip addresses"),
+        Some(ip(&a)),
+        "{get}"
+    );
 
     // The seed disk is a real file in the pool; the daemon's key is authorized in it.
     let seed = env.state_dir.join(format!("pool/{ida}-seed.img"));

@@ -19,7 +19,8 @@ use crate::images::{BootMode, Image};
 use crate::model::{Hardware, HardwareRequest};
 use crate::store::{Project, Workspace};
 use crate::tunnel;
-use crate::workspace::ops::{CreateWorkspace, ImageUpload, Manager};
+use crate::workspace::ops::live::{ChangeKind, Runtime};
+use crate::workspace::ops::{Caller, CreateWorkspace, ImageUpload, Manager};
 use crate::workspace::state::State;
 
 pub use aether_proto::v1::aether_server::AetherServer;
@@ -31,6 +32,11 @@ pub struct Service {
 impl Service {
     pub fn new(manager: Arc<Manager>) -> Self {
         Self { manager }
+    }
+
+    fn view(&self, ws: Workspace) -> pb::Workspace {
+        let rt = self.manager.runtime(&ws);
+        workspace_to_pb(ws, rt)
     }
 }
 
@@ -95,8 +101,14 @@ fn project_to_pb(p: Project) -> pb::Project {
     }
 }
 
-fn workspace_to_pb(w: Workspace) -> pb::Workspace {
+fn workspace_to_pb(w: Workspace, rt: Runtime) -> pb::Workspace {
     pb::Workspace {
+        phase: rt.phase.to_owned(),
+        idle_timeout_secs: rt.idle_timeout_secs,
+        active_connections: rt.connections,
+        running_tasks: rt.tasks,
+        idle_since: rt.idle_since.unwrap_or(0),
+        stops_at: rt.stops_at.unwrap_or(0),
         domain_name: w.id.domain_name(),
         id: w.id.to_string(),
         project_id: w.project_id.to_string(),
@@ -192,13 +204,14 @@ impl Aether for Service {
             image: r.image,
             login_user: r.login_user,
             ssh_authorized_keys: r.ssh_authorized_keys,
+            idle_timeout: r.idle_timeout,
         };
         let ws = self
             .manager
             .create_workspace(caller, &create)
             .await
             .map_err(status)?;
-        Ok(Response::new(workspace_to_pb(ws)))
+        Ok(Response::new(self.view(ws)))
     }
 
     async fn list_workspaces(
@@ -214,7 +227,7 @@ impl Aether for Service {
             .list_workspaces(caller, state, project)
             .map_err(status)?;
         Ok(Response::new(pb::ListWorkspacesResponse {
-            workspaces: list.into_iter().map(workspace_to_pb).collect(),
+            workspaces: list.into_iter().map(|w| self.view(w)).collect(),
         }))
     }
 
@@ -224,7 +237,7 @@ impl Aether for Service {
             .manager
             .get_workspace(caller, &req.get_ref().id)
             .map_err(status)?;
-        Ok(Response::new(workspace_to_pb(ws)))
+        Ok(Response::new(self.view(ws)))
     }
 
     async fn start_workspace(
@@ -236,7 +249,7 @@ impl Aether for Service {
             .manager
             .start_workspace(caller, &req.get_ref().id)
             .map_err(status)?;
-        Ok(Response::new(workspace_to_pb(ws)))
+        Ok(Response::new(self.view(ws)))
     }
 
     async fn stop_workspace(&self, req: Request<pb::StopWorkspaceRequest>) -> Reply<pb::Workspace> {
@@ -247,7 +260,7 @@ impl Aether for Service {
             .stop_workspace(caller, &r.id, r.force)
             .await
             .map_err(status)?;
-        Ok(Response::new(workspace_to_pb(ws)))
+        Ok(Response::new(self.view(ws)))
     }
 
     async fn delete_workspace(
@@ -278,10 +291,105 @@ impl Aether for Service {
         };
         let ws = self
             .manager
-            .update_workspace(caller, &r.id, &hw)
+            .update_workspace(caller, &r.id, &hw, r.idle_timeout.as_deref())
             .await
             .map_err(status)?;
-        Ok(Response::new(workspace_to_pb(ws)))
+        Ok(Response::new(self.view(ws)))
+    }
+
+    type WatchWorkspacesStream = ByteStream<pb::WorkspaceEvent>;
+
+    async fn watch_workspaces(
+        &self,
+        req: Request<pb::WatchWorkspacesRequest>,
+    ) -> Reply<Self::WatchWorkspacesStream> {
+        let caller = auth::caller(&req)?;
+        let r = req.into_inner();
+        // Subscribe before the snapshot, so no change falls between them.
+        let mut changes = self.manager.subscribe();
+        let project = (!r.project.is_empty()).then_some(r.project.as_str());
+        let mut snapshot = self
+            .manager
+            .list_workspaces(caller, None, project)
+            .map_err(status)?;
+        let only = if r.workspace_id.is_empty() {
+            None
+        } else {
+            let ws = self
+                .manager
+                .get_workspace(caller, &r.workspace_id)
+                .map_err(status)?;
+            snapshot.retain(|w| w.id == ws.id);
+            Some(ws.id)
+        };
+        let project_id = snapshot_project(&self.manager, caller, project)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let manager = Arc::clone(&self.manager);
+        tokio::spawn(async move {
+            let event = |seq, kind: pb::workspace_event::Kind, ws: Option<pb::Workspace>| {
+                Ok(pb::WorkspaceEvent {
+                    seq,
+                    kind: kind as i32,
+                    workspace: ws,
+                })
+            };
+            for ws in snapshot {
+                let rt = manager.runtime(&ws);
+                let seq = manager.next_seq();
+                let e = event(
+                    seq,
+                    pb::workspace_event::Kind::Snapshot,
+                    Some(workspace_to_pb(ws, rt)),
+                );
+                if tx.send(e).await.is_err() {
+                    return;
+                }
+            }
+            let seq = manager.next_seq();
+            if tx
+                .send(event(seq, pb::workspace_event::Kind::SnapshotEnd, None))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            loop {
+                let change = match changes.recv().await {
+                    Ok(c) => c,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "this watcher fell {n} events behind; watch again"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let ws = change.workspace;
+                let visible = (caller.admin || ws.owner_uid == caller.uid)
+                    && only.as_ref().is_none_or(|id| *id == ws.id)
+                    && project_id.as_ref().is_none_or(|p| *p == ws.project_id);
+                if !visible {
+                    continue;
+                }
+                let kind = match change.kind {
+                    ChangeKind::Changed => pb::workspace_event::Kind::Changed,
+                    ChangeKind::Deleted => pb::workspace_event::Kind::Deleted,
+                };
+                let rt = manager.runtime(&ws);
+                if tx
+                    .send(event(change.seq, kind, Some(workspace_to_pb(ws, rt))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn get_console_log(
@@ -402,6 +510,18 @@ impl Aether for Service {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::DeleteImageResponse {}))
+    }
+}
+
+/// The project id a watch is filtered to, if any.
+fn snapshot_project(
+    manager: &Manager,
+    caller: Caller,
+    project: Option<&str>,
+) -> Result<Option<crate::model::ProjectId>, Status> {
+    match project {
+        Some(p) => Ok(Some(manager.get_project(caller, p).map_err(status)?.id)),
+        None => Ok(None),
     }
 }
 

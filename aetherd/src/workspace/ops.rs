@@ -30,6 +30,7 @@ use crate::workspace::state::{self, Event, State};
 
 mod image_ops;
 mod lifecycle;
+pub mod live;
 
 pub use image_ops::ImageUpload;
 
@@ -73,6 +74,16 @@ pub struct Manager {
     locks: Mutex<HashMap<WorkspaceId, Arc<tokio::sync::Mutex<()>>>>,
     /// Open tunnels per workspace.
     pub connections: Connections,
+    /// The change feed (see `live`).
+    changes: tokio::sync::broadcast::Sender<live::Change>,
+    seq: std::sync::atomic::AtomicU64,
+    /// Phase of workspaces in a transitional state.
+    phases: Mutex<HashMap<WorkspaceId, &'static str>>,
+    /// Armed idle timers.
+    idle_timers: Mutex<HashMap<WorkspaceId, tokio::task::AbortHandle>>,
+    /// Workspaces whose idleness must be re-evaluated.
+    idle_tx: tokio::sync::mpsc::UnboundedSender<WorkspaceId>,
+    idle_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<WorkspaceId>>>,
 }
 
 impl Manager {
@@ -90,7 +101,15 @@ impl Manager {
             .transpose()?;
         let subnet = hv.ensure_network(preferred).await?;
         let daemon_key = daemon_key(&layout)?;
+        let (idle_tx, idle_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Arc::new(Manager {
+            connections: Connections::with_notify(idle_tx.clone()),
+            changes: tokio::sync::broadcast::channel(1024).0,
+            seq: std::sync::atomic::AtomicU64::new(0),
+            phases: Mutex::new(HashMap::new()),
+            idle_timers: Mutex::new(HashMap::new()),
+            idle_tx,
+            idle_rx: Mutex::new(Some(idle_rx)),
             store,
             hv,
             config,
@@ -98,7 +117,6 @@ impl Manager {
             subnet,
             daemon_key,
             locks: Mutex::new(HashMap::new()),
-            connections: Connections::default(),
         }))
     }
 
@@ -169,7 +187,18 @@ impl Manager {
         if to == ws.state {
             return Ok(ws.clone());
         }
-        self.store.cas_state(ws, to, reason, event == Event::Start)
+        let updated = self
+            .store
+            .cas_state(ws, to, reason, event == Event::Start)?;
+        if !matches!(to, State::Starting | State::Stopping) {
+            self.phases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&ws.id);
+        }
+        self.publish(live::ChangeKind::Changed, &updated);
+        self.idle_changed(&ws.id);
+        Ok(updated)
     }
 
     pub async fn host_info(&self) -> Result<HostInfo> {
@@ -244,6 +273,11 @@ impl Manager {
         if req.ssh_authorized_keys.is_empty() {
             return Err(Error::invalid("at least one SSH public key is required"));
         }
+        let idle_timeout_secs = req
+            .idle_timeout
+            .as_deref()
+            .map(crate::model::parse_duration_secs)
+            .transpose()?;
         let mut keys = req
             .ssh_authorized_keys
             .iter()
@@ -267,6 +301,7 @@ impl Manager {
             ssh_host_public_key: &host_key.public,
             mac: Some(&mac),
             ip: Some(ip),
+            idle_timeout_secs,
         })?;
         let lock = self.lock_of(&ws.id);
         let _guard = lock.lock().await;
@@ -281,6 +316,7 @@ impl Manager {
             return Err(e);
         }
         tracing::info!(workspace = %ws.id, project = %project.id, image = %image.name, %ip, hardware = %hardware, "workspace created");
+        self.publish(live::ChangeKind::Changed, &ws);
         Ok(ws)
     }
 
@@ -405,17 +441,44 @@ impl Manager {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&ws.id);
         tracing::info!(workspace = %ws.id, "workspace deleted");
+        self.publish(live::ChangeKind::Deleted, &ws);
+        self.idle_changed(&ws.id);
         Ok(())
     }
 
     /// Changes hardware: at once while the VM is off, as pending changes otherwise.
+    /// The idle timeout, if given, applies at once.
     pub async fn update_workspace(
         &self,
         caller: Caller,
         id: &str,
         req: &HardwareRequest,
+        idle_timeout: Option<&str>,
     ) -> Result<Workspace> {
         let ws = self.get_workspace(caller, id)?;
+        // Validate everything before changing anything.
+        let idle = idle_timeout
+            .map(crate::model::parse_duration_secs)
+            .transpose()?;
+        let base = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
+        base.with(req, &self.limits())?;
+        let ws = if req.is_empty() {
+            ws
+        } else {
+            self.update_hardware(&ws, req).await?
+        };
+        if let Some(secs) = idle {
+            self.store.set_idle_timeout(&ws.id, Some(secs))?;
+            tracing::info!(workspace = %ws.id, idle_timeout_secs = secs, "idle timeout updated");
+            self.idle_changed(&ws.id);
+        }
+        let updated = self.store.get_workspace(&ws.id, None)?;
+        self.publish(live::ChangeKind::Changed, &updated);
+        Ok(updated)
+    }
+
+    async fn update_hardware(&self, ws: &Workspace, req: &HardwareRequest) -> Result<Workspace> {
+        let ws = ws.clone();
         let base = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
         let wanted = base.with(req, &self.limits())?;
         if wanted.volume_size_gb < ws.hardware.volume_size_gb {
@@ -468,6 +531,8 @@ pub struct CreateWorkspace {
     pub image: String,
     pub login_user: String,
     pub ssh_authorized_keys: Vec<String>,
+    /// "90s", "30m", "2h", "0"; `None`: the daemon's idle timeout.
+    pub idle_timeout: Option<String>,
 }
 
 pub fn root_volume_name(id: &WorkspaceId) -> String {

@@ -23,6 +23,7 @@ impl Manager {
         let lock = self.lock_of(&ws.id);
         let _guard = lock.lock().await;
         let booted = async {
+            self.set_phase(&ws.id, "booting");
             self.hv.define(&self.spec(&ws)?).await?;
             self.hv.start(&ws.id).await?;
             self.wait_ready(&ws).await
@@ -74,6 +75,7 @@ impl Manager {
         let ip = ws
             .ip
             .ok_or_else(|| Error::precondition(format!("workspace {} has no IP address", ws.id)))?;
+        self.set_phase(&ws.id, "waiting for ssh");
         let timeout = self.boot_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -138,9 +140,8 @@ impl Manager {
             return;
         };
         let result = match (&ev, ws.state) {
-            (DomainEvent::ShutOff { .. }, State::Stopping) => {
-                self.apply(&ws, Event::PoweredOff, "")
-            }
+            // The stop task waiting for this records it, with its reason.
+            (DomainEvent::ShutOff { .. }, State::Stopping) => return,
             (DomainEvent::ShutOff { .. }, _) => {
                 self.apply(&ws, Event::PoweredOff, "the guest powered itself off")
             }
@@ -174,7 +175,7 @@ impl Manager {
         let ws = self.apply(&ws, Event::Stop, "")?;
         let this = Arc::clone(self);
         let stopping = ws.clone();
-        tokio::spawn(async move { this.run_stop(stopping).await });
+        tokio::spawn(async move { this.run_stop(stopping, "").await });
         Ok(ws)
     }
 
@@ -192,12 +193,14 @@ impl Manager {
         }
     }
 
-    async fn run_stop(&self, ws: Workspace) {
+    /// `reason` is recorded with the final `stopped` state ("idle timeout" for idle stops).
+    pub(super) async fn run_stop(&self, ws: Workspace, reason: &str) {
         let lock = self.lock_of(&ws.id);
         let _guard = lock.lock().await;
         let timeout = Duration::from_secs(self.config.stop_timeout_secs);
+        self.set_phase(&ws.id, "shutting down");
         let result = match self.shutdown_and_wait(&ws.id, timeout).await {
-            Ok(true) => self.apply(&ws, Event::PoweredOff, ""),
+            Ok(true) => self.apply(&ws, Event::PoweredOff, reason),
             Ok(false) => self.apply(
                 &ws,
                 Event::StopTimedOut,
@@ -262,7 +265,7 @@ impl Manager {
                 (State::Stopping, true) => {
                     let this = Arc::clone(self);
                     let stopping = ws.clone();
-                    tokio::spawn(async move { this.run_stop(stopping).await });
+                    tokio::spawn(async move { this.run_stop(stopping, "").await });
                     Ok(ws.clone())
                 }
                 (State::Stopped | State::Error, true) => {
