@@ -462,3 +462,62 @@ fn the_idle_clock_survives_a_daemon_restart() {
     assert_eq!(after["stops_at"].as_i64().unwrap(), since + 3600);
     env.ok(&["workspace", "delete", &ws, "--force"]);
 }
+
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn watch_shows_the_phases_of_a_real_start_and_stop() {
+    use std::io::{BufRead, BufReader};
+    let env = testguest_env("");
+    let ws = create(
+        &env,
+        &["--cpus", "1", "--memory", "256", "--volume-size", "2"],
+    );
+    let mut child = env
+        .cli()
+        .args(["-o", "json", "workspace", "watch", &ws])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Start only once the watch has its snapshot, so no transition happens before it.
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["kind"], "snapshot");
+    let reader = std::thread::spawn(move || {
+        let mut seen = vec!["stopped/".to_owned()];
+        for line in lines {
+            let e: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+            let w = &e["workspace"];
+            let step = format!(
+                "{}/{}",
+                w["state"].as_str().unwrap(),
+                w["phase"].as_str().unwrap()
+            );
+            if seen.last() != Some(&step) {
+                seen.push(step);
+            }
+            if seen.len() > 1 && seen.last().map(String::as_str) == Some("stopped/") {
+                break;
+            }
+        }
+        seen
+    });
+    env.ok(&["workspace", "start", &ws]);
+    env.ok(&["workspace", "stop", &ws]);
+    let seen = reader.join().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        seen,
+        [
+            "stopped/",
+            "starting/",
+            "starting/booting",
+            "starting/waiting for ssh",
+            "running/",
+            "stopping/",
+            "stopping/shutting down",
+            "stopped/"
+        ]
+    );
+    env.ok(&["workspace", "delete", &ws]);
+}
