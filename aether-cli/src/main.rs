@@ -10,6 +10,7 @@ mod identity;
 mod image;
 mod output;
 mod ssh;
+mod task;
 mod watch;
 
 use std::io::Write;
@@ -64,6 +65,9 @@ enum Command {
     /// Guest images that workspaces boot from.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Tasks: commands run in workspaces (see `aether workspace exec`).
+    #[command(subcommand)]
+    Task(TaskCmd),
     /// The host aetherd runs on.
     #[command(subcommand)]
     Host(HostCmd),
@@ -74,6 +78,24 @@ enum Command {
         /// Workspaces [default: all of yours].
         ids: Vec<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum TaskCmd {
+    /// List tasks: ID WORKSPACE STATE EXIT STARTED COMMAND, newest first.
+    List {
+        /// Only this workspace's tasks.
+        #[arg(long)]
+        workspace: Option<String>,
+    },
+    /// Print a task's output; with --follow, keep printing until it ends.
+    Logs {
+        id: String,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Cancel a running task.
+    Cancel { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -179,6 +201,23 @@ enum WorkspaceCmd {
         /// Power the VM off first if it is running.
         #[arg(long)]
         force: bool,
+    },
+    /// Run a command in a running workspace as a task and stream its output; exits with the
+    /// command's exit code. With --detach, print the task id and return at once.
+    Exec {
+        id: String,
+        /// Print the task id and return; the task keeps running (see `aether task`).
+        #[arg(long)]
+        detach: bool,
+        /// Environment variable for the command (repeatable).
+        #[arg(long = "env", value_name = "NAME=VALUE", value_parser = task::parse_env)]
+        env: Vec<(String, String)>,
+        /// Working directory in the guest [default: the login user's home].
+        #[arg(long, value_name = "DIR")]
+        workdir: Option<String>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        argv: Vec<String>,
     },
     /// Print the workspaces' state as it changes: a snapshot, then every change (state,
     /// phase, reason, connections, idle clock) with an increasing sequence number, until
@@ -307,6 +346,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Workspace(cmd) => {
             let mut c = client::connect(&cli.socket).await?;
             workspace(&mut c, &cli.socket, format, cmd).await
+        }
+        Command::Task(cmd) => {
+            let mut c = client::connect(&cli.socket).await?;
+            let json = format == Format::Json;
+            match cmd {
+                TaskCmd::List { workspace } => task::list(&mut c, json, workspace).await,
+                TaskCmd::Logs { id, follow } => task::logs(&mut c, id, follow).await,
+                TaskCmd::Cancel { id } => task::cancel(&mut c, json, id).await,
+            }
         }
         Command::Image(cmd) => {
             let mut c = client::connect(&cli.socket).await?;
@@ -629,6 +677,27 @@ async fn workspace(
             if format == Format::Json {
                 emit_json(&serde_json::json!({ "id": id, "deleted": true }))?;
             }
+        }
+        WorkspaceCmd::Exec {
+            id,
+            detach,
+            env,
+            workdir,
+            argv,
+        } => {
+            task::check_argv(&argv)?;
+            return task::exec(
+                c,
+                format == Format::Json,
+                task::ExecArgs {
+                    id,
+                    argv,
+                    env,
+                    workdir,
+                    detach,
+                },
+            )
+            .await;
         }
         WorkspaceCmd::Watch { id, project } => {
             watch::watch(

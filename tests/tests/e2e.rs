@@ -521,3 +521,149 @@ fn watch_shows_the_phases_of_a_real_start_and_stop() {
     );
     env.ok(&["workspace", "delete", &ws]);
 }
+
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn exec_streams_output_and_returns_the_exit_code() {
+    let env = testguest_env("");
+    let ws = create(
+        &env,
+        &["--cpus", "1", "--memory", "256", "--volume-size", "2"],
+    );
+    env.ok(&["workspace", "start", &ws]);
+    let r = env.run(&[
+        "workspace",
+        "exec",
+        &ws,
+        "--env",
+        "WHO=world",
+        "--workdir",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "echo hello $WHO from $(pwd); echo oops >&2; exit 3",
+    ]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert_eq!(r.stdout, "hello world from /tmp\n");
+    assert_eq!(r.stderr, "oops\n");
+    // Arguments arrive as words, not re-split by a shell.
+    let r = env.run(&[
+        "workspace",
+        "exec",
+        &ws,
+        "--",
+        "printf",
+        "[%s]",
+        "a b",
+        "$(c)",
+        "d'e",
+    ]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "[a b][$(c)][d'e]");
+
+    let tasks = env.json(&["task", "list", "--workspace", &ws]);
+    assert_eq!(tasks.as_array().unwrap().len(), 2);
+    assert_eq!(tasks[1]["state"], "failed");
+    assert_eq!(tasks[1]["exit_code"], 3);
+    assert_eq!(tasks[0]["state"], "succeeded");
+    let logs = env.run(&["task", "logs", tasks[1]["id"].as_str().unwrap()]);
+    assert_eq!(logs.stdout, "hello world from /tmp\n");
+    assert_eq!(logs.stderr, "oops\n");
+    env.ok(&["workspace", "delete", &ws, "--force"]);
+}
+
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn detached_tasks_follow_cancel_keep_a_workspace_busy_and_are_lost_on_stop() {
+    let env = testguest_env("");
+    let ws = create(
+        &env,
+        &[
+            "--cpus",
+            "1",
+            "--memory",
+            "256",
+            "--volume-size",
+            "2",
+            "--idle-timeout",
+            "10s",
+        ],
+    );
+    env.ok(&["workspace", "start", &ws]);
+
+    // A detached task keeps the workspace from idling past its 10 s timeout.
+    let busy = env.ok(&[
+        "workspace",
+        "exec",
+        &ws,
+        "--detach",
+        "--",
+        "sh",
+        "-c",
+        "echo start; sleep 20; echo done",
+    ]);
+    let busy = busy.trim().to_owned();
+    assert!(busy.starts_with("task-"), "{busy}");
+    std::thread::sleep(Duration::from_secs(2));
+    let w = env.json(&["workspace", "get", &ws]);
+    assert_eq!(w["running_tasks"], 1, "{w}");
+    assert_eq!(w["idle_since"], 0, "{w}");
+    let followed = env.ok(&["task", "logs", &busy, "--follow"]);
+    assert_eq!(followed, "start\ndone\n");
+    assert_eq!(
+        env.state_of(&ws),
+        "running",
+        "spared while the task ran (20 s > 10 s)"
+    );
+    let t = env.json(&["task", "list", "--workspace", &ws]);
+    assert_eq!(t[0]["state"], "succeeded");
+
+    // Cancel.
+    let id = env
+        .ok(&["workspace", "exec", &ws, "--detach", "--", "sleep", "100"])
+        .trim()
+        .to_owned();
+    std::thread::sleep(Duration::from_secs(1));
+    env.ok(&["task", "cancel", &id]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while env.json(&["task", "list"])[0]["state"] == "running" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cancel did not end the task"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(env.json(&["task", "list"])[0]["state"], "cancelled");
+    let err = env.fail(&["task", "cancel", &id]);
+    assert!(
+        err.contains("is cancelled: only a running task can be cancelled"),
+        "{err}"
+    );
+
+    // A task still running when the workspace stops is lost.
+    env.ok(&["workspace", "update", &ws, "--idle-timeout", "0"]);
+    let id = env
+        .ok(&["workspace", "exec", &ws, "--detach", "--", "sleep", "100"])
+        .trim()
+        .to_owned();
+    std::thread::sleep(Duration::from_secs(1));
+    env.ok(&["workspace", "stop", &ws]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = env.json(&["task", "list"]);
+        let state = t
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id.as_str())
+            .unwrap()["state"]
+            .clone();
+        if state == "lost" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "task is {state}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    env.ok(&["workspace", "delete", &ws]);
+}

@@ -17,9 +17,11 @@ use tonic::{Request, Response, Status};
 use crate::error::Error;
 use crate::images::{BootMode, Image};
 use crate::model::{Hardware, HardwareRequest};
+use crate::store::TaskRow;
 use crate::store::{Project, Workspace};
 use crate::tunnel;
 use crate::workspace::ops::live::{ChangeKind, Runtime};
+use crate::workspace::ops::tasks::{ExecSpec, Frame};
 use crate::workspace::ops::{Caller, CreateWorkspace, ImageUpload, Manager};
 use crate::workspace::state::State;
 
@@ -297,6 +299,81 @@ impl Aether for Service {
         Ok(Response::new(self.view(ws)))
     }
 
+    type ExecStream = ByteStream<pb::TaskOutput>;
+
+    async fn exec(&self, req: Request<pb::ExecRequest>) -> Reply<Self::ExecStream> {
+        let caller = auth::caller(&req)?;
+        let r = req.into_inner();
+        let mut env: Vec<(String, String)> = r.env.into_iter().collect();
+        env.sort();
+        let spec = ExecSpec {
+            workspace: r.workspace_id,
+            argv: r.argv,
+            env,
+            workdir: r.workdir,
+        };
+        let (task, rx) = self.manager.exec(caller, &spec).await.map_err(status)?;
+        let first = pb::TaskOutput {
+            task_id: task.id.clone(),
+            state: task.state.clone(),
+            ..Default::default()
+        };
+        if r.detach {
+            return Ok(Response::new(Box::pin(tokio_stream::iter([Ok(first)]))));
+        }
+        Ok(Response::new(follow_frames(
+            task.id,
+            vec![first],
+            Vec::new(),
+            Some(rx),
+        )))
+    }
+
+    async fn list_tasks(&self, req: Request<pb::ListTasksRequest>) -> Reply<pb::ListTasksResponse> {
+        let caller = auth::caller(&req)?;
+        let r = req.get_ref();
+        let ws = (!r.workspace_id.is_empty()).then_some(r.workspace_id.as_str());
+        let tasks = self.manager.list_tasks(caller, ws).map_err(status)?;
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: tasks.into_iter().map(task_to_pb).collect(),
+        }))
+    }
+
+    type TaskLogsStream = ByteStream<pb::TaskOutput>;
+
+    async fn task_logs(&self, req: Request<pb::TaskLogsRequest>) -> Reply<Self::TaskLogsStream> {
+        let caller = auth::caller(&req)?;
+        let r = req.get_ref();
+        let (task, so_far, rx) = self
+            .manager
+            .task_logs(caller, &r.task_id, r.follow)
+            .map_err(status)?;
+        let mut tail = Vec::new();
+        if rx.is_none() {
+            // Finished (or not followed): the output, then the task's end as recorded.
+            tail.push(pb::TaskOutput {
+                task_id: task.id.clone(),
+                exit_code: task.exit_code,
+                state: task.state.clone(),
+                ..Default::default()
+            });
+        }
+        let head = so_far
+            .into_iter()
+            .filter_map(|f| frame_to_pb(&task.id, f))
+            .collect();
+        Ok(Response::new(follow_frames(task.id, head, tail, rx)))
+    }
+
+    async fn cancel_task(&self, req: Request<pb::CancelTaskRequest>) -> Reply<pb::Task> {
+        let caller = auth::caller(&req)?;
+        let task = self
+            .manager
+            .cancel_task(caller, &req.get_ref().task_id)
+            .map_err(status)?;
+        Ok(Response::new(task_to_pb(task)))
+    }
+
     type WatchWorkspacesStream = ByteStream<pb::WorkspaceEvent>;
 
     async fn watch_workspaces(
@@ -511,6 +588,84 @@ impl Aether for Service {
             .map_err(status)?;
         Ok(Response::new(pb::DeleteImageResponse {}))
     }
+}
+
+fn task_to_pb(t: TaskRow) -> pb::Task {
+    pb::Task {
+        id: t.id,
+        workspace_id: t.workspace_id.to_string(),
+        argv: t.argv,
+        state: t.state,
+        exit_code: t.exit_code,
+        started_at: t.started_at,
+        ended_at: t.ended_at.unwrap_or(0),
+    }
+}
+
+fn frame_to_pb(task_id: &str, f: Frame) -> Option<pb::TaskOutput> {
+    let base = pb::TaskOutput {
+        task_id: task_id.to_owned(),
+        state: "running".to_owned(),
+        ..Default::default()
+    };
+    Some(match f {
+        Frame::Stdout(d) => pb::TaskOutput { stdout: d, ..base },
+        Frame::Stderr(d) => pb::TaskOutput { stderr: d, ..base },
+        Frame::End { state, exit_code } => pb::TaskOutput {
+            state: state.to_owned(),
+            exit_code,
+            ..base
+        },
+    })
+}
+
+/// `head`, then the frames from `rx` until the task ends, then `tail`.
+fn follow_frames(
+    task_id: String,
+    head: Vec<pb::TaskOutput>,
+    tail: Vec<pb::TaskOutput>,
+    rx: Option<tokio::sync::broadcast::Receiver<Frame>>,
+) -> ByteStream<pb::TaskOutput> {
+    let (tx, out) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        for m in head {
+            if tx.send(Ok(m)).await.is_err() {
+                return;
+            }
+        }
+        if let Some(mut rx) = rx {
+            loop {
+                match rx.recv().await {
+                    Ok(f) => {
+                        let end = matches!(f, Frame::End { .. });
+                        if let Some(m) = frame_to_pb(&task_id, f) {
+                            if tx.send(Ok(m)).await.is_err() {
+                                return;
+                            }
+                        }
+                        if end {
+                            break;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "missed {n} output chunks; the task log has them all"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        }
+        for m in tail {
+            if tx.send(Ok(m)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
 }
 
 /// The project id a watch is filtered to, if any.

@@ -24,13 +24,14 @@ use crate::model::{
     Hardware, HardwareLimits, HardwareRequest, ProjectName, ProjectRef, WorkspaceId,
 };
 use crate::network::{self, Subnet};
-use crate::store::{NewWorkspace, Owner, Project, Store, Workspace, WorkspaceFilter};
+use crate::store::{NewWorkspace, Owner, Project, Store, TaskRow, Workspace, WorkspaceFilter};
 use crate::tunnel::Connections;
 use crate::workspace::state::{self, Event, State};
 
 mod image_ops;
 mod lifecycle;
 pub mod live;
+pub mod tasks;
 
 pub use image_ops::ImageUpload;
 
@@ -84,6 +85,8 @@ pub struct Manager {
     /// Workspaces whose idleness must be re-evaluated.
     idle_tx: tokio::sync::mpsc::UnboundedSender<WorkspaceId>,
     idle_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<WorkspaceId>>>,
+    /// Running tasks by id.
+    tasks: Mutex<HashMap<String, tasks::RunningTask>>,
 }
 
 impl Manager {
@@ -101,6 +104,13 @@ impl Manager {
             .transpose()?;
         let subnet = hv.ensure_network(preferred).await?;
         let daemon_key = daemon_key(&layout)?;
+        let lost = store.lose_running_tasks()?;
+        if lost > 0 {
+            tracing::warn!(
+                tasks = lost,
+                "tasks that were running when aetherd stopped are lost"
+            );
+        }
         let (idle_tx, idle_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Arc::new(Manager {
             connections: Connections::with_notify(idle_tx.clone()),
@@ -110,6 +120,7 @@ impl Manager {
             idle_timers: Mutex::new(HashMap::new()),
             idle_tx,
             idle_rx: Mutex::new(Some(idle_rx)),
+            tasks: Mutex::new(HashMap::new()),
             store,
             hv,
             config,
@@ -190,6 +201,9 @@ impl Manager {
         let updated = self
             .store
             .cas_state(ws, to, reason, event == Event::Start)?;
+        if ws.state == State::Running {
+            self.lose_tasks_of(&ws.id);
+        }
         if !matches!(to, State::Starting | State::Stopping) {
             self.phases
                 .lock()

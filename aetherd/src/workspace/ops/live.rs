@@ -97,7 +97,7 @@ impl Manager {
         Runtime {
             phase,
             connections: self.connections.count(&ws.id) as u32,
-            tasks: 0,
+            tasks: self.running_tasks(&ws.id),
             idle_timeout_secs: timeout,
             idle_since: ws.idle_since,
             stops_at: ws
@@ -155,7 +155,7 @@ impl Manager {
             self.cancel_idle_timer(id);
             return;
         };
-        let active = self.connections.count(id) > 0;
+        let active = self.connections.count(id) > 0 || self.running_tasks(id) > 0;
         if ws.state != State::Running || active {
             self.cancel_idle_timer(id);
             if ws.idle_since.is_some() {

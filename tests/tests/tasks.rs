@@ -1,0 +1,43 @@
+//! Task commands through the real binaries against the test driver. (The test driver has no
+//! guest to run anything in: running tasks are covered by the end-to-end tests.)
+
+use aether_tests::TestEnv;
+
+#[test]
+fn exec_is_refused_unless_running_and_validated_first() {
+    let env = TestEnv::start();
+    env.ok(&["project", "create", "t"]);
+    let ws = env
+        .ok(&["workspace", "create", "--project", "t"])
+        .trim()
+        .to_owned();
+    let err = env.fail(&["workspace", "exec", &ws, "--", "true"]);
+    assert_eq!(err, "aether: workspace is stopped: start it first");
+    let err = env.fail(&["workspace", "exec", &ws, "--env", "1BAD=x", "--", "true"]);
+    assert!(
+        err.contains("invalid environment variable \"1BAD\""),
+        "{err}"
+    );
+    let r = env.run(&["workspace", "exec", &ws, "--env", "NOEQUALS", "--", "true"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    let r = env.run(&["workspace", "exec", &ws]);
+    assert_eq!(r.code, 2, "a command is required: {r:?}");
+    let err = env.fail(&["workspace", "exec", "ws-zzzzzz", "--", "true"]);
+    assert_eq!(err, "aether: workspace ws-zzzzzz not found");
+    assert_eq!(env.json(&["task", "list"]), serde_json::json!([]));
+    assert_eq!(
+        env.ok(&["task", "list"]).trim(),
+        "ID  WORKSPACE  STATE  EXIT  STARTED  COMMAND"
+    );
+}
+
+#[test]
+fn task_ids_are_validated_and_unknown_ones_not_found() {
+    let env = TestEnv::start();
+    let err = env.fail(&["task", "logs", "../etc/passwd"]);
+    assert!(err.contains("invalid task id"), "{err}");
+    let err = env.fail(&["task", "cancel", "task-zzzzzzzz"]);
+    assert_eq!(err, "aether: task task-zzzzzzzz not found");
+    let err = env.fail(&["task", "list", "--workspace", "ws-zzzzzz"]);
+    assert_eq!(err, "aether: workspace ws-zzzzzz not found");
+}
