@@ -47,6 +47,8 @@ pub struct Config {
     /// Stop a running workspace after this long with no connection and no task: "90s",
     /// "30m", "2h", "0" (never). Workspaces can override it.
     pub idle_timeout: String,
+    /// Memory of all running workspaces may add up to this many times the host's RAM.
+    pub memory_overcommit: f64,
 }
 
 impl Default for Config {
@@ -63,6 +65,7 @@ impl Default for Config {
             network_cidr: None,
             boot_timeout_secs: None,
             idle_timeout: "10m".to_owned(),
+            memory_overcommit: 1.0,
         }
     }
 }
@@ -91,6 +94,10 @@ impl Config {
         anyhow::ensure!(
             self.libvirt_timeout_secs >= 1,
             "libvirt_timeout_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            self.memory_overcommit > 0.0 && self.memory_overcommit <= 16.0,
+            "memory_overcommit must be more than 0 and at most 16"
         );
         crate::model::parse_duration_secs(&self.idle_timeout)
             .map_err(|e| anyhow::anyhow!("idle_timeout: {e}"))?;

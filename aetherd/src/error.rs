@@ -21,6 +21,9 @@ pub enum Error {
     /// The workspace changed state while the request was being handled.
     #[error("workspace {id} changed state concurrently (now {now}); try again")]
     Conflict { id: String, now: State },
+    /// The host lacks the CPUs, memory or devices the request needs.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("permission denied: {0}")]
     PermissionDenied(String),
     #[error("libvirt: {0}")]

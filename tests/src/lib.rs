@@ -11,20 +11,31 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// A minimal host for libvirt's test driver: 2 CPUs, 8 GiB.
+/// A host for libvirt's test driver: 8 CPUs, 32 GiB.
 pub const TEST_HOST_XML: &str = r#"<node>
   <cpu>
     <mhz>2000</mhz>
     <model>x86_64</model>
-    <active>2</active>
+    <active>8</active>
     <nodes>1</nodes>
     <sockets>1</sockets>
-    <cores>2</cores>
+    <cores>8</cores>
     <threads>1</threads>
   </cpu>
-  <memory>8388608</memory>
+  <memory>33554432</memory>
 </node>
 "#;
+
+/// A test-driver host with `cpus` CPUs and `mib` MiB of memory.
+pub fn host_xml(cpus: u32, mib: u64) -> String {
+    TEST_HOST_XML
+        .replace("<active>8</active>", &format!("<active>{cpus}</active>"))
+        .replace("<cores>8</cores>", &format!("<cores>{cpus}</cores>"))
+        .replace(
+            "<memory>33554432</memory>",
+            &format!("<memory>{}</memory>", mib * 1024),
+        )
+}
 
 /// Directory holding the built `aetherd` and `aether` (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {
@@ -76,9 +87,14 @@ pub struct TestEnv {
 impl TestEnv {
     /// Starts aetherd against a private test-driver host with `config_toml` as its config.
     pub fn start_with_config(config_toml: &str) -> TestEnv {
+        Self::start_with_host(config_toml, TEST_HOST_XML)
+    }
+
+    /// Like [`TestEnv::start_with_config`] with the test driver's host described by `host`.
+    pub fn start_with_host(config_toml: &str, host_xml: &str) -> TestEnv {
         let dir = tempfile::tempdir().expect("tempdir");
         let host = dir.path().join("host.xml");
-        std::fs::write(&host, TEST_HOST_XML).unwrap();
+        std::fs::write(&host, host_xml).unwrap();
         let config = dir.path().join("aetherd.toml");
         std::fs::write(&config, config_toml).unwrap();
         let mut env = TestEnv {
@@ -175,8 +191,16 @@ impl TestEnv {
 
     /// A daemon with a small test image `tiny` (1 GiB, qcow2) imported as the default image.
     pub fn start() -> TestEnv {
-        let env = Self::start_with_config(
-            "max_volume_size_gb = 64\nstop_timeout_secs = 5\ndefault_image = \"tiny\"\n",
+        Self::start_on_host(TEST_HOST_XML, "")
+    }
+
+    /// [`TestEnv::start`] on a test-driver host described by `host_xml`, with `extra_config`.
+    pub fn start_on_host(host_xml: &str, extra_config: &str) -> TestEnv {
+        let env = Self::start_with_host(
+            &format!(
+                "max_volume_size_gb = 64\nstop_timeout_secs = 5\ndefault_image = \"tiny\"\n{extra_config}"
+            ),
+            host_xml,
         );
         let disk = env.make_disk("tiny.qcow2", "qcow2", "1G");
         env.ok(&["image", "import", "tiny", disk.to_str().unwrap()]);

@@ -667,3 +667,50 @@ fn detached_tasks_follow_cancel_keep_a_workspace_busy_and_are_lost_on_stop() {
     }
     env.ok(&["workspace", "delete", &ws]);
 }
+
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn the_guest_sees_its_cpus_memory_and_a_grown_volume() {
+    let env = testguest_env("");
+    let ws = create(
+        &env,
+        &["--cpus", "2", "--memory", "512", "--volume-size", "2"],
+    );
+    env.ok(&["workspace", "start", &ws]);
+    let exec = |cmd: &str| {
+        let r = env.run(&["workspace", "exec", &ws, "--", "sh", "-c", cmd]);
+        assert_eq!(r.code, 0, "{cmd}: {r:?}");
+        r.stdout.trim().to_owned()
+    };
+    assert_eq!(exec("grep -c ^processor /proc/cpuinfo"), "2");
+    let mem_kib: u64 = exec("awk '/^MemTotal/ { print $2 }' /proc/meminfo")
+        .parse()
+        .unwrap();
+    assert!(
+        (400 * 1024..=512 * 1024).contains(&mem_kib),
+        "MemTotal {mem_kib} KiB"
+    );
+    let disk_bytes = |exec: &dyn Fn(&str) -> String| -> u64 {
+        exec("cat /sys/block/vda/size").parse::<u64>().unwrap() * 512
+    };
+    assert_eq!(disk_bytes(&exec), 2 << 30);
+
+    // Grown while running: the guest sees the larger disk at once, its filesystem after a
+    // restart.
+    env.ok(&["workspace", "update", &ws, "--volume-size", "3"]);
+    assert_eq!(disk_bytes(&exec), 3 << 30);
+    env.ok(&["workspace", "stop", &ws]);
+    // Grown while stopped.
+    let w = env.json(&["workspace", "update", &ws, "--volume-size", "4"]);
+    assert_eq!(w["hardware"]["volume_size_gb"], 4);
+    env.ok(&["workspace", "start", &ws]);
+    assert_eq!(disk_bytes(&exec), 4 << 30);
+    let fs_kib: u64 = exec("df -k /data | awk 'NR == 2 { print $2 }'")
+        .parse()
+        .unwrap();
+    assert!(
+        fs_kib > 3_800_000,
+        "/data is {fs_kib} KiB after growing to 4 GiB"
+    );
+    env.ok(&["workspace", "delete", &ws, "--force"]);
+}

@@ -52,6 +52,7 @@ pub fn status(e: Error) -> Status {
         Error::FailedPrecondition(_) => Status::failed_precondition(msg),
         Error::Conflict { .. } => Status::aborted(msg),
         Error::PermissionDenied(_) => Status::permission_denied(msg),
+        Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
         Error::Libvirt(_) | Error::LibvirtTimeout(..) => Status::unavailable(msg),
         Error::Store(_) | Error::Internal(_) => Status::internal(msg),
     }
@@ -250,6 +251,7 @@ impl Aether for Service {
         let ws = self
             .manager
             .start_workspace(caller, &req.get_ref().id)
+            .await
             .map_err(status)?;
         Ok(Response::new(self.view(ws)))
     }

@@ -188,6 +188,15 @@ impl Hypervisor {
         .await
     }
 
+    /// The host's CPU count and memory (MiB), as libvirt sees them.
+    pub async fn host_resources(&self) -> Result<(u32, u64)> {
+        self.call("virNodeGetInfo", |c| {
+            let info = c.node_info()?;
+            Ok((info.cpus, info.memory / 1024))
+        })
+        .await
+    }
+
     /// Makes sure the dir pool `aether` at `path` exists, is active and autostarts.
     pub async fn ensure_pool(&self, path: &Path) -> Result<()> {
         let xml = xml::pool_xml(POOL_NAME, path);
@@ -244,6 +253,37 @@ impl Hypervisor {
                 None => StorageVol::create_xml(&pool(c)?, &xml, 0)?,
             };
             Ok(PathBuf::from(vol.path()?))
+        })
+        .await
+    }
+
+    /// Grows the workspace's root volume `name` to `bytes`: a live block resize while the
+    /// domain runs, a volume resize otherwise. libvirt's test driver can do neither, so
+    /// there this only records nothing and succeeds (the end-to-end tests cover it).
+    pub async fn grow_root(
+        &self,
+        ws: &WorkspaceId,
+        name: &str,
+        bytes: u64,
+        running: bool,
+    ) -> Result<()> {
+        if self.domain_type == DomainType::Test {
+            return Ok(());
+        }
+        let ws = ws.clone();
+        let name = name.to_owned();
+        self.call("virStorageVolResize", move |c| {
+            if running {
+                let dom = owned_domain(c, &ws)?.ok_or_else(|| {
+                    Error::Libvirt(format!("domain {} is not defined", ws.domain_name()))
+                })?;
+                dom.block_resize("vda", bytes, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)?;
+            } else {
+                let vol = find_volume(c, &name)?
+                    .ok_or_else(|| Error::Libvirt(format!("volume {name} not found")))?;
+                vol.resize(bytes, 0)?;
+            }
+            Ok(())
         })
         .await
     }

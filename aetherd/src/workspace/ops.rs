@@ -87,6 +87,11 @@ pub struct Manager {
     idle_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<WorkspaceId>>>,
     /// Running tasks by id.
     tasks: Mutex<HashMap<String, tasks::RunningTask>>,
+    /// The host's CPUs and memory (MiB), read once at start.
+    host: (u32, u64),
+    /// Held from a start's capacity check to its transition, so two starts cannot both
+    /// take the last free memory.
+    admission: tokio::sync::Mutex<()>,
 }
 
 impl Manager {
@@ -104,6 +109,7 @@ impl Manager {
             .transpose()?;
         let subnet = hv.ensure_network(preferred).await?;
         let daemon_key = daemon_key(&layout)?;
+        let host = hv.host_resources().await?;
         let lost = store.lose_running_tasks()?;
         if lost > 0 {
             tracing::warn!(
@@ -121,6 +127,8 @@ impl Manager {
             idle_tx,
             idle_rx: Mutex::new(Some(idle_rx)),
             tasks: Mutex::new(HashMap::new()),
+            host,
+            admission: tokio::sync::Mutex::new(()),
             store,
             hv,
             config,
@@ -501,9 +509,23 @@ impl Manager {
                 ws.hardware.volume_size_gb, wanted.volume_size_gb
             )));
         }
+        let lock = self.lock_of(&ws.id);
+        let _guard = lock.lock().await;
+        if wanted.volume_size_gb > ws.hardware.volume_size_gb {
+            // The volume grows now, running or not; the guest's filesystem grows at its next
+            // boot (cloud-init's resizefs, or the test guest's resize2fs).
+            let running = !ws.state.vm_is_off();
+            self.hv
+                .grow_root(
+                    &ws.id,
+                    &root_volume_name(&ws.id),
+                    u64::from(wanted.volume_size_gb) << 30,
+                    running,
+                )
+                .await?;
+            tracing::info!(workspace = %ws.id, volume_size_gb = wanted.volume_size_gb, live = running, "root volume grown");
+        }
         if ws.state.vm_is_off() {
-            let lock = self.lock_of(&ws.id);
-            let _guard = lock.lock().await;
             let updated = self.store.set_hardware(&ws, &wanted, None)?;
             if let Err(e) = self.hv.define(&self.spec(&updated)?).await {
                 // Undo, so the database keeps describing the defined domain.
@@ -515,9 +537,16 @@ impl Manager {
             tracing::info!(workspace = %ws.id, hardware = %wanted, "hardware updated");
             Ok(updated)
         } else {
-            let pending = (wanted != ws.hardware).then_some(&wanted);
-            let updated = self.store.set_hardware(&ws, &ws.hardware, pending)?;
-            tracing::info!(workspace = %ws.id, pending = %wanted, "hardware change pending until next start");
+            // The volume size took effect already; the rest waits for the next start.
+            let current = Hardware {
+                volume_size_gb: wanted.volume_size_gb,
+                ..ws.hardware.clone()
+            };
+            let pending = (wanted != current).then_some(&wanted);
+            let updated = self.store.set_hardware(&ws, &current, pending)?;
+            if pending.is_some() {
+                tracing::info!(workspace = %ws.id, pending = %wanted, "hardware change pending until next start");
+            }
             Ok(updated)
         }
     }

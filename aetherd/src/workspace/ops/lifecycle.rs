@@ -9,14 +9,46 @@ use std::time::Duration;
 use super::*;
 
 impl Manager {
-    /// Moves the workspace to `starting` and boots it in the background.
-    pub fn start_workspace(self: &Arc<Self>, caller: Caller, id: &str) -> Result<Workspace> {
+    /// Moves the workspace to `starting` and boots it in the background. Refused (and
+    /// nothing changed) when the host lacks the CPUs or memory it needs.
+    pub async fn start_workspace(self: &Arc<Self>, caller: Caller, id: &str) -> Result<Workspace> {
+        let _admission = self.admission.lock().await;
         let ws = self.get_workspace(caller, id)?;
+        state::transition(ws.state, Event::Start)?;
+        self.check_capacity(&ws)?;
         let ws = self.apply(&ws, Event::Start, "")?;
         let this = Arc::clone(self);
         let starting = ws.clone();
         tokio::spawn(async move { this.run_start(starting).await });
         Ok(ws)
+    }
+
+    /// Whether the host can run `ws` with the hardware it will start with, next to the
+    /// workspaces whose VMs are on.
+    fn check_capacity(&self, ws: &Workspace) -> Result<()> {
+        let hw = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
+        let (host_cpus, host_mib) = self.host;
+        if hw.cpus > host_cpus {
+            return Err(Error::ResourceExhausted(format!(
+                "workspace {} needs {} vCPUs but this host has {host_cpus} CPUs",
+                ws.id, hw.cpus
+            )));
+        }
+        let allowed = (host_mib as f64 * self.config.memory_overcommit) as u64;
+        let in_use: u64 = self
+            .store
+            .list_workspaces(&WorkspaceFilter::default(), None)?
+            .iter()
+            .filter(|w| w.id != ws.id && !w.state.vm_is_off())
+            .map(|w| u64::from(w.hardware.memory_mb))
+            .sum();
+        if in_use + u64::from(hw.memory_mb) > allowed {
+            return Err(Error::ResourceExhausted(format!(
+                "workspace {} needs {} MiB of memory; running workspaces use {in_use} of the {allowed} MiB allowed (memory_overcommit {} x {host_mib} MiB of host memory)",
+                ws.id, hw.memory_mb, self.config.memory_overcommit
+            )));
+        }
+        Ok(())
     }
 
     async fn run_start(&self, ws: Workspace) {

@@ -1,0 +1,71 @@
+//! Host capacity at start: vCPUs and memory (test driver host with 2 CPUs and 4 GiB).
+
+use aether_tests::{host_xml, TestEnv};
+
+fn env(extra: &str) -> TestEnv {
+    let env = TestEnv::start_on_host(&host_xml(2, 4096), extra);
+    env.ok(&["project", "create", "cap"]);
+    env
+}
+
+fn create(env: &TestEnv, args: &[&str]) -> String {
+    let mut all = vec!["workspace", "create", "--project", "cap"];
+    all.extend_from_slice(args);
+    env.ok(&all).trim().to_owned()
+}
+
+#[test]
+fn more_vcpus_than_the_host_has_is_refused_at_start() {
+    let env = env("");
+    let ws = create(&env, &["--cpus", "4"]);
+    let err = env.fail(&["workspace", "start", &ws]);
+    assert_eq!(
+        err,
+        format!("aether: workspace {ws} needs 4 vCPUs but this host has 2 CPUs")
+    );
+    assert_eq!(env.state_of(&ws), "stopped", "nothing changed");
+    // A pending change counts: it is what the next start would use.
+    let ok = create(&env, &["--cpus", "2", "--memory", "512"]);
+    env.ok(&["workspace", "start", &ok]);
+    env.ok(&["workspace", "update", &ok, "--cpus", "3"]);
+    env.ok(&["workspace", "stop", &ok]);
+    let err = env.fail(&["workspace", "start", &ok]);
+    assert!(
+        err.contains("needs 3 vCPUs but this host has 2 CPUs"),
+        "{err}"
+    );
+}
+
+#[test]
+fn memory_of_running_workspaces_is_capped_by_the_overcommit_limit() {
+    let env = env("");
+    let a = create(&env, &["--memory", "3072"]);
+    let b = create(&env, &["--memory", "1024"]);
+    let c = create(&env, &["--memory", "256"]);
+    env.ok(&["workspace", "start", &a]);
+    env.ok(&["workspace", "start", &b]);
+    let err = env.fail(&["workspace", "start", &c]);
+    assert_eq!(
+        err,
+        format!("aether: workspace {c} needs 256 MiB of memory; running workspaces use 4096 of the 4096 MiB allowed (memory_overcommit 1 x 4096 MiB of host memory)")
+    );
+    assert_eq!(env.state_of(&c), "stopped");
+    // Stopping one frees its memory.
+    env.ok(&["workspace", "stop", &b]);
+    env.ok(&["workspace", "start", &c]);
+}
+
+#[test]
+fn overcommit_is_configurable() {
+    let env = env("memory_overcommit = 1.5\n");
+    let a = create(&env, &["--memory", "4096"]);
+    let b = create(&env, &["--memory", "2048"]);
+    env.ok(&["workspace", "start", &a]);
+    env.ok(&["workspace", "start", &b]);
+    let c = create(&env, &["--memory", "256"]);
+    let err = env.fail(&["workspace", "start", &c]);
+    assert!(
+        err.contains("use 6144 of the 6144 MiB allowed (memory_overcommit 1.5 x 4096"),
+        "{err}"
+    );
+}
