@@ -163,6 +163,10 @@ pub fn workspace_details(w: &pb::Workspace) -> String {
     if let Some(h) = &w.hardware {
         lines.push(("hardware", hardware_long(h)));
     }
+    if !w.dedicated_cpus.is_empty() {
+        let cpus: Vec<String> = w.dedicated_cpus.iter().map(u32::to_string).collect();
+        lines.push(("dedicated cpus", cpus.join(",")));
+    }
     if let Some(p) = &w.pending_hardware {
         lines.push((
             "pending",
@@ -320,6 +324,7 @@ pub fn workspace_json(w: &pb::Workspace) -> Value {
         "running_tasks": w.running_tasks,
         "idle_since": w.idle_since,
         "stops_at": w.stops_at,
+        "dedicated_cpus": w.dedicated_cpus,
     })
 }
 

@@ -49,6 +49,8 @@ pub struct Config {
     pub idle_timeout: String,
     /// Memory of all running workspaces may add up to this many times the host's RAM.
     pub memory_overcommit: f64,
+    /// Host CPUs never dedicated to performance workspaces (they stay for the host).
+    pub reserved_host_cpus: Vec<u32>,
 }
 
 impl Default for Config {
@@ -66,6 +68,7 @@ impl Default for Config {
             boot_timeout_secs: None,
             idle_timeout: "10m".to_owned(),
             memory_overcommit: 1.0,
+            reserved_host_cpus: vec![0],
         }
     }
 }

@@ -74,6 +74,8 @@ const MIGRATIONS: &[&str] = &[
         ended_at     INTEGER
     );
     CREATE INDEX tasks_workspace ON tasks(workspace_id);",
+    // 5: host CPUs dedicated to a running performance workspace (JSON array; NULL: none).
+    "ALTER TABLE workspaces ADD COLUMN dedicated_cpus TEXT;",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,6 +110,8 @@ pub struct Workspace {
     pub idle_timeout_secs: Option<u64>,
     /// Since when the running workspace has been idle (unix seconds).
     pub idle_since: Option<i64>,
+    /// Host CPUs dedicated to it while its VM runs (performance workspaces).
+    pub dedicated_cpus: Vec<u32>,
 }
 
 /// What a new workspace row is made of.
@@ -152,7 +156,7 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
 
 const WORKSPACE_COLUMNS: &str = "w.id, w.project_id, p.name, w.owner_uid, w.uuid, w.state, \
      w.generation, w.reason, w.hardware, w.pending_hardware, w.created_at, w.image, w.login_user, \
-     w.ssh_host_public_key, w.mac, w.ip, w.idle_timeout_secs, w.idle_since";
+     w.ssh_host_public_key, w.mac, w.ip, w.idle_timeout_secs, w.idle_since, w.dedicated_cpus";
 
 fn workspace_from_row(r: &Row<'_>) -> rusqlite::Result<Workspace> {
     let hw = |s: String| serde_json::from_str::<Hardware>(&s).map_err(|e| corrupt("hardware", e));
@@ -180,6 +184,11 @@ fn workspace_from_row(r: &Row<'_>) -> rusqlite::Result<Workspace> {
             .transpose()?,
         idle_timeout_secs: r.get::<_, Option<i64>>(16)?.map(|v| v as u64),
         idle_since: r.get(17)?,
+        dedicated_cpus: r
+            .get::<_, Option<String>>(18)?
+            .map(|s| serde_json::from_str(&s).map_err(|e| corrupt("dedicated cpus", e)))
+            .transpose()?
+            .unwrap_or_default(),
     })
 }
 
@@ -359,6 +368,7 @@ impl Store {
                         ip: new.ip,
                         idle_timeout_secs: new.idle_timeout_secs,
                         idle_since: None,
+                        dedicated_cpus: Vec::new(),
                     })
                 }
                 Err(rusqlite::Error::SqliteFailure(e, msg))
@@ -486,6 +496,16 @@ impl Store {
         self.conn().execute(
             "UPDATE workspaces SET idle_since = ?1 WHERE id = ?2",
             params![since, id.as_str()],
+        )?;
+        Ok(())
+    }
+
+    /// Records the host CPUs dedicated to the workspace (empty: none).
+    pub fn set_dedicated_cpus(&self, id: &WorkspaceId, cpus: &[u32]) -> Result<()> {
+        let json = (!cpus.is_empty()).then(|| serde_json::to_string(cpus).expect("serializes"));
+        self.conn().execute(
+            "UPDATE workspaces SET dedicated_cpus = ?1 WHERE id = ?2",
+            params![json, id.as_str()],
         )?;
         Ok(())
     }

@@ -69,3 +69,52 @@ fn overcommit_is_configurable() {
         "{err}"
     );
 }
+
+#[test]
+fn performance_workspaces_get_dedicated_cpus_until_none_are_free() {
+    // 4 CPUs, CPU 0 reserved for the host (the default): 3 can be dedicated.
+    let env = TestEnv::start_on_host(&host_xml(4, 8192), "");
+    env.ok(&["project", "create", "cap"]);
+    let create = |args: &[&str]| {
+        let mut all = vec!["workspace", "create", "--project", "cap", "--memory", "512"];
+        all.extend_from_slice(args);
+        env.ok(&all).trim().to_owned()
+    };
+    let a = create(&["--cpu-kind", "performance", "--cpus", "2"]);
+    let b = create(&["--cpu-kind", "performance", "--cpus", "2"]);
+    let shared = create(&["--cpus", "4"]);
+    env.ok(&["workspace", "start", &a]);
+    assert_eq!(
+        env.json(&["workspace", "get", &a])["dedicated_cpus"],
+        serde_json::json!([1, 2])
+    );
+    let err = env.fail(&["workspace", "start", &b]);
+    assert_eq!(
+        err,
+        format!("aether: workspace {b} needs 2 dedicated CPUs (cpu kind performance); 1 of this host's 3 dedicatable CPUs are free (reserved_host_cpus [0])")
+    );
+    assert_eq!(env.state_of(&b), "stopped", "nothing changed");
+    // Shared workspaces are not limited by dedication.
+    env.ok(&["workspace", "start", &shared]);
+    assert_eq!(
+        env.json(&["workspace", "get", &shared])["dedicated_cpus"],
+        serde_json::json!([])
+    );
+    // Stopping frees the CPUs.
+    env.ok(&["workspace", "stop", &a]);
+    assert_eq!(
+        env.json(&["workspace", "get", &a])["dedicated_cpus"],
+        serde_json::json!([])
+    );
+    env.ok(&["workspace", "start", &b]);
+    assert_eq!(
+        env.json(&["workspace", "get", &b])["dedicated_cpus"],
+        serde_json::json!([1, 2])
+    );
+    let get = env.ok(&["workspace", "get", &b]);
+    assert_eq!(
+        aether_tests::field(&get, "dedicated cpus").as_deref(),
+        Some("1,2"),
+        "{get}"
+    );
+}

@@ -714,3 +714,61 @@ fn the_guest_sees_its_cpus_memory_and_a_grown_volume() {
     );
     env.ok(&["workspace", "delete", &ws, "--force"]);
 }
+
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn a_performance_workspace_runs_on_its_dedicated_cpu() {
+    let env = testguest_env("");
+    // This host has 2 CPUs; CPU 0 stays for the host, so CPU 1 is the one to dedicate.
+    let ws = create(
+        &env,
+        &[
+            "--cpu-kind",
+            "performance",
+            "--cpus",
+            "1",
+            "--memory",
+            "256",
+            "--volume-size",
+            "2",
+        ],
+    );
+    env.ok(&["workspace", "start", &ws]);
+    assert_eq!(
+        env.json(&["workspace", "get", &ws])["dedicated_cpus"],
+        serde_json::json!([1])
+    );
+    let xml = env.virsh(&["dumpxml", &format!("aether-{ws}")]);
+    assert!(
+        xml.contains("<vcpupin vcpu='0' cpuset='1'/>") && xml.contains("<emulatorpin cpuset='0'/>"),
+        "{xml}"
+    );
+    let pins = env.virsh(&["vcpupin", &format!("aether-{ws}")]);
+    assert!(
+        pins.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["0", "1"]),
+        "{pins}"
+    );
+    assert_eq!(ssh(&env, &ws, "cat /etc/hostname").trim(), ws);
+    let other = create(
+        &env,
+        &[
+            "--cpu-kind",
+            "performance",
+            "--cpus",
+            "1",
+            "--memory",
+            "256",
+            "--volume-size",
+            "2",
+        ],
+    );
+    let err = env.fail(&["workspace", "start", &other]);
+    assert!(
+        err.contains("needs 1 dedicated CPUs")
+            && err.contains("0 of this host's 1 dedicatable CPUs are free"),
+        "{err}"
+    );
+    env.ok(&["workspace", "delete", &ws, "--force"]);
+    env.ok(&["workspace", "delete", &other]);
+}

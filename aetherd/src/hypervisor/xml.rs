@@ -77,6 +77,18 @@ pub struct DomainSpec {
     pub network: String,
     /// File that receives the serial console.
     pub console_log: Option<PathBuf>,
+    /// Performance workspaces: the host CPU of each vCPU (vCPU i on `dedicated_cpus[i]`), and
+    /// the host CPUs the emulator threads may use. Empty: vCPUs float (shared).
+    pub dedicated_cpus: Vec<u32>,
+    pub emulator_cpus: Vec<u32>,
+}
+
+/// `0,2,5` for libvirt's cpuset attributes.
+fn cpuset(cpus: &[u32]) -> String {
+    cpus.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn path_str(p: &Path) -> &str {
@@ -226,6 +238,25 @@ pub fn domain_xml(spec: &DomainSpec) -> String {
                     .write_inner_content(|w| write_metadata(w, spec))?;
                 text_element(w, "memory", &[("unit", "MiB")], &memory)?;
                 text_element(w, "vcpu", &[], &cpus)?;
+                if !spec.dedicated_cpus.is_empty() {
+                    w.create_element("cputune").write_inner_content(|w| {
+                        for (vcpu, host) in spec.dedicated_cpus.iter().enumerate() {
+                            let (vcpu, host) = (vcpu.to_string(), host.to_string());
+                            empty_element(w, "vcpupin", &[("vcpu", &vcpu), ("cpuset", &host)])?;
+                        }
+                        if !spec.emulator_cpus.is_empty() {
+                            empty_element(
+                                w,
+                                "emulatorpin",
+                                &[("cpuset", &cpuset(&spec.emulator_cpus))],
+                            )?;
+                        }
+                        Ok(())
+                    })?;
+                    if spec.domain_type == DomainType::Kvm {
+                        empty_element(w, "cpu", &[("mode", "host-passthrough")])?;
+                    }
+                }
                 let os = w.create_element("os");
                 let os = match spec.boot {
                     Boot::Uefi => os.with_attribute(("firmware", "efi")),
@@ -301,6 +332,8 @@ mod tests {
             mac: None,
             network: "aether".into(),
             console_log: None,
+            dedicated_cpus: Vec::new(),
+            emulator_cpus: Vec::new(),
         }
     }
 
@@ -346,6 +379,13 @@ mod tests {
             ..full_spec()
         };
         golden("domain-uefi-kvm.xml", &domain_xml(&uefi));
+        let performance = DomainSpec {
+            domain_type: DomainType::Kvm,
+            dedicated_cpus: vec![2, 3],
+            emulator_cpus: vec![0, 1],
+            ..spec()
+        };
+        golden("domain-performance-kvm.xml", &domain_xml(&performance));
     }
 
     #[test]

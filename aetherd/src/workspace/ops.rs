@@ -197,6 +197,12 @@ impl Manager {
             mac: ws.mac.clone(),
             network: crate::network::NETWORK_NAME.to_owned(),
             console_log: Some(self.layout.console_log(&ws.id)),
+            emulator_cpus: if ws.dedicated_cpus.is_empty() {
+                Vec::new()
+            } else {
+                self.undedicated_cpus()?
+            },
+            dedicated_cpus: ws.dedicated_cpus.clone(),
         })
     }
 
@@ -211,6 +217,9 @@ impl Manager {
             .cas_state(ws, to, reason, event == Event::Start)?;
         if ws.state == State::Running {
             self.lose_tasks_of(&ws.id);
+        }
+        if to.vm_is_off() && !ws.dedicated_cpus.is_empty() {
+            self.store.set_dedicated_cpus(&ws.id, &[])?;
         }
         if !matches!(to, State::Starting | State::Stopping) {
             self.phases

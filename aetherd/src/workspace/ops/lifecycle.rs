@@ -16,7 +16,13 @@ impl Manager {
         let ws = self.get_workspace(caller, id)?;
         state::transition(ws.state, Event::Start)?;
         self.check_capacity(&ws)?;
-        let ws = self.apply(&ws, Event::Start, "")?;
+        let dedicated = self.allocate_cpus(&ws)?;
+        let mut ws = self.apply(&ws, Event::Start, "")?;
+        if !dedicated.is_empty() {
+            self.store.set_dedicated_cpus(&ws.id, &dedicated)?;
+            tracing::info!(workspace = %ws.id, cpus = ?dedicated, "dedicated host CPUs");
+            ws.dedicated_cpus = dedicated;
+        }
         let this = Arc::clone(self);
         let starting = ws.clone();
         tokio::spawn(async move { this.run_start(starting).await });
@@ -49,6 +55,63 @@ impl Manager {
             )));
         }
         Ok(())
+    }
+
+    /// Host CPUs that performance workspaces may be given: all but `reserved_host_cpus`.
+    fn dedicatable_cpus(&self) -> Vec<u32> {
+        (0..self.host.0)
+            .filter(|c| !self.config.reserved_host_cpus.contains(c))
+            .collect()
+    }
+
+    /// Host CPUs held by workspaces whose VM is on (other than `except`).
+    fn dedicated_elsewhere(&self, except: &WorkspaceId) -> Result<Vec<u32>> {
+        Ok(self
+            .store
+            .list_workspaces(&WorkspaceFilter::default(), None)?
+            .into_iter()
+            .filter(|w| w.id != *except && !w.state.vm_is_off())
+            .flat_map(|w| w.dedicated_cpus)
+            .collect())
+    }
+
+    /// Host CPUs dedicated to nobody: where shared work and emulator threads run.
+    pub(super) fn undedicated_cpus(&self) -> Result<Vec<u32>> {
+        let held: Vec<u32> = self
+            .store
+            .list_workspaces(&WorkspaceFilter::default(), None)?
+            .into_iter()
+            .filter(|w| !w.state.vm_is_off())
+            .flat_map(|w| w.dedicated_cpus)
+            .collect();
+        Ok((0..self.host.0).filter(|c| !held.contains(c)).collect())
+    }
+
+    /// For a performance workspace, picks one free dedicatable host CPU per vCPU (lowest
+    /// first); refused when too few are free. Shared workspaces get none.
+    fn allocate_cpus(&self, ws: &Workspace) -> Result<Vec<u32>> {
+        let hw = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
+        if hw.cpu_kind != crate::model::CpuKind::Performance {
+            return Ok(Vec::new());
+        }
+        let held = self.dedicated_elsewhere(&ws.id)?;
+        let dedicatable = self.dedicatable_cpus();
+        let free: Vec<u32> = dedicatable
+            .iter()
+            .copied()
+            .filter(|c| !held.contains(c))
+            .collect();
+        if (free.len() as u32) < hw.cpus {
+            return Err(Error::ResourceExhausted(format!(
+                "workspace {} needs {} dedicated CPUs (cpu kind performance); {} of this host's {} dedicatable CPUs are free (reserved_host_cpus {:?})",
+                ws.id,
+                hw.cpus,
+                free.len(),
+                dedicatable.len(),
+                self.config.reserved_host_cpus
+            )));
+        }
+        Ok(free[..hw.cpus as usize].to_vec())
     }
 
     async fn run_start(&self, ws: Workspace) {
