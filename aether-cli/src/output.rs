@@ -220,14 +220,58 @@ pub fn project_details(p: &pb::Project) -> String {
 }
 
 pub fn host_details(h: &pb::HostInfo) -> String {
-    key_values(&[
+    let mut text = key_values(&[
+        ("cpus", h.cpus.to_string()),
+        ("memory", format!("{} MiB", h.memory_mib)),
         ("aetherd", h.version.clone()),
         ("libvirt uri", h.libvirt_uri.clone()),
         ("libvirt", h.libvirt_version.clone()),
         ("hypervisor", h.hypervisor.clone()),
         ("accelerator", h.accelerator.clone()),
         ("max volume", format!("{} GiB", h.max_volume_size_gb)),
-    ])
+        (
+            "gpus",
+            if h.gpus.is_empty() {
+                "none".to_owned()
+            } else {
+                h.gpus.len().to_string()
+            },
+        ),
+    ]);
+    if !h.gpus.is_empty() {
+        let rows: Vec<Vec<String>> = h
+            .gpus
+            .iter()
+            .map(|g| {
+                vec![
+                    g.kind.clone(),
+                    g.address.clone(),
+                    if g.iommu_group < 0 {
+                        "-".into()
+                    } else {
+                        g.iommu_group.to_string()
+                    },
+                    if g.driver.is_empty() {
+                        "-".into()
+                    } else {
+                        g.driver.clone()
+                    },
+                    if g.held_by.is_empty() {
+                        "free".into()
+                    } else {
+                        g.held_by.clone()
+                    },
+                    g.name.clone(),
+                ]
+            })
+            .collect();
+        text.push('\n');
+        text.push_str(&table(
+            &["KIND", "ADDRESS", "IOMMU", "DRIVER", "HELD BY", "NAME"],
+            &rows,
+        ));
+    }
+    text
 }
 
 fn key_values(lines: &[(&str, String)]) -> String {
@@ -346,6 +390,16 @@ pub fn host_json(h: &pb::HostInfo) -> Value {
         "hypervisor": h.hypervisor,
         "accelerator": h.accelerator,
         "max_volume_size_gb": h.max_volume_size_gb,
+        "cpus": h.cpus,
+        "memory_mib": h.memory_mib,
+        "gpus": h.gpus.iter().map(|g| json!({
+            "kind": g.kind,
+            "name": g.name,
+            "address": g.address,
+            "iommu_group": g.iommu_group,
+            "driver": g.driver,
+            "held_by": g.held_by,
+        })).collect::<Vec<_>>(),
     })
 }
 

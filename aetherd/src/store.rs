@@ -76,6 +76,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX tasks_workspace ON tasks(workspace_id);",
     // 5: host CPUs dedicated to a running performance workspace (JSON array; NULL: none).
     "ALTER TABLE workspaces ADD COLUMN dedicated_cpus TEXT;",
+    // 6: the GPU (libvirt node device name) held by a workspace while its VM is on.
+    "ALTER TABLE workspaces ADD COLUMN gpu_device TEXT;",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,6 +114,8 @@ pub struct Workspace {
     pub idle_since: Option<i64>,
     /// Host CPUs dedicated to it while its VM runs (performance workspaces).
     pub dedicated_cpus: Vec<u32>,
+    /// The GPU (node device name) it holds while its VM runs.
+    pub gpu_device: Option<String>,
 }
 
 /// What a new workspace row is made of.
@@ -156,7 +160,7 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
 
 const WORKSPACE_COLUMNS: &str = "w.id, w.project_id, p.name, w.owner_uid, w.uuid, w.state, \
      w.generation, w.reason, w.hardware, w.pending_hardware, w.created_at, w.image, w.login_user, \
-     w.ssh_host_public_key, w.mac, w.ip, w.idle_timeout_secs, w.idle_since, w.dedicated_cpus";
+     w.ssh_host_public_key, w.mac, w.ip, w.idle_timeout_secs, w.idle_since, w.dedicated_cpus, w.gpu_device";
 
 fn workspace_from_row(r: &Row<'_>) -> rusqlite::Result<Workspace> {
     let hw = |s: String| serde_json::from_str::<Hardware>(&s).map_err(|e| corrupt("hardware", e));
@@ -189,6 +193,7 @@ fn workspace_from_row(r: &Row<'_>) -> rusqlite::Result<Workspace> {
             .map(|s| serde_json::from_str(&s).map_err(|e| corrupt("dedicated cpus", e)))
             .transpose()?
             .unwrap_or_default(),
+        gpu_device: r.get(19)?,
     })
 }
 
@@ -369,6 +374,7 @@ impl Store {
                         idle_timeout_secs: new.idle_timeout_secs,
                         idle_since: None,
                         dedicated_cpus: Vec::new(),
+                        gpu_device: None,
                     })
                 }
                 Err(rusqlite::Error::SqliteFailure(e, msg))
@@ -506,6 +512,15 @@ impl Store {
         self.conn().execute(
             "UPDATE workspaces SET dedicated_cpus = ?1 WHERE id = ?2",
             params![json, id.as_str()],
+        )?;
+        Ok(())
+    }
+
+    /// Records the GPU held by the workspace (`None`: none).
+    pub fn set_gpu_device(&self, id: &WorkspaceId, device: Option<&str>) -> Result<()> {
+        self.conn().execute(
+            "UPDATE workspaces SET gpu_device = ?1 WHERE id = ?2",
+            params![device, id.as_str()],
         )?;
         Ok(())
     }

@@ -147,6 +147,20 @@ impl Aether for Service {
             hypervisor: h.hypervisor,
             accelerator: h.accelerator.to_owned(),
             max_volume_size_gb: h.max_volume_size_gb,
+            cpus: h.cpus,
+            memory_mib: h.memory_mib,
+            gpus: h
+                .gpus
+                .into_iter()
+                .map(|(g, holder)| pb::Gpu {
+                    address: g.address(),
+                    kind: g.kind,
+                    name: g.name,
+                    iommu_group: g.iommu_group.map(|n| n as i32).unwrap_or(-1),
+                    driver: g.driver,
+                    held_by: holder.map(|w| w.to_string()).unwrap_or_default(),
+                })
+                .collect(),
         }))
     }
 

@@ -7,6 +7,7 @@
 
 pub mod accel;
 pub mod events;
+pub mod gpu;
 pub mod xml;
 
 use std::time::Duration;
@@ -184,6 +185,21 @@ impl Hypervisor {
                 libvirt_version: version_string(c.lib_version()?),
                 hypervisor: format!("{} {}", c.driver_type()?, version_string(c.hyp_version()?)),
             })
+        })
+        .await
+    }
+
+    /// The host's GPUs (PCI display controllers among libvirt's node devices).
+    pub async fn gpus(&self) -> Result<Vec<gpu::Gpu>> {
+        self.call("virConnectListAllNodeDevices", |c| {
+            // No capability filter: the test driver refuses every flag.
+            let mut gpus = Vec::new();
+            for dev in c.list_all_node_devices(0)? {
+                let (name, xml) = (dev.name()?, dev.xml_desc(0)?);
+                gpus.extend(gpu::parse(&name, &xml));
+            }
+            gpus.sort_by_key(|g| g.address());
+            Ok(gpus)
         })
         .await
     }

@@ -81,6 +81,8 @@ pub struct DomainSpec {
     /// the host CPUs the emulator threads may use. Empty: vCPUs float (shared).
     pub dedicated_cpus: Vec<u32>,
     pub emulator_cpus: Vec<u32>,
+    /// PCI address (domain, bus, slot, function) of a GPU passed through (managed hostdev).
+    pub gpu: Option<(u32, u32, u32, u32)>,
 }
 
 /// `0,2,5` for libvirt's cpuset attributes.
@@ -172,6 +174,31 @@ fn write_devices(w: &mut W, spec: &DomainSpec) -> R {
             .write_inner_content(|w| {
                 empty_element(w, "source", &[("path", path_str(log)), ("append", "on")])?;
                 empty_element(w, "target", &[("port", "0")])
+            })?;
+    }
+    if let Some((domain, bus, slot, function)) = spec.gpu {
+        let (domain, bus, slot, function) = (
+            format!("0x{domain:04x}"),
+            format!("0x{bus:02x}"),
+            format!("0x{slot:02x}"),
+            format!("0x{function:x}"),
+        );
+        w.create_element("hostdev")
+            .with_attributes([("mode", "subsystem"), ("type", "pci"), ("managed", "yes")])
+            .write_inner_content(|w| {
+                w.create_element("source").write_inner_content(|w| {
+                    empty_element(
+                        w,
+                        "address",
+                        &[
+                            ("domain", &domain),
+                            ("bus", &bus),
+                            ("slot", &slot),
+                            ("function", &function),
+                        ],
+                    )
+                })?;
+                Ok(())
             })?;
     }
     // Guests otherwise wait for entropy before sshd starts.
@@ -334,6 +361,7 @@ mod tests {
             console_log: None,
             dedicated_cpus: Vec::new(),
             emulator_cpus: Vec::new(),
+            gpu: None,
         }
     }
 
@@ -386,6 +414,11 @@ mod tests {
             ..spec()
         };
         golden("domain-performance-kvm.xml", &domain_xml(&performance));
+        let with_gpu = DomainSpec {
+            gpu: Some((0, 1, 0, 0)),
+            ..full_spec()
+        };
+        golden("domain-gpu.xml", &domain_xml(&with_gpu));
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct HostInfo {
     pub hypervisor: String,
     pub accelerator: &'static str,
     pub max_volume_size_gb: u32,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub gpus: Vec<(crate::hypervisor::gpu::Gpu, Option<WorkspaceId>)>,
 }
 
 pub struct Manager {
@@ -89,6 +92,8 @@ pub struct Manager {
     tasks: Mutex<HashMap<String, tasks::RunningTask>>,
     /// The host's CPUs and memory (MiB), read once at start.
     host: (u32, u64),
+    /// The host's GPUs, discovered once at start.
+    gpus: Vec<crate::hypervisor::gpu::Gpu>,
     /// Held from a start's capacity check to its transition, so two starts cannot both
     /// take the last free memory.
     admission: tokio::sync::Mutex<()>,
@@ -110,6 +115,10 @@ impl Manager {
         let subnet = hv.ensure_network(preferred).await?;
         let daemon_key = daemon_key(&layout)?;
         let host = hv.host_resources().await?;
+        let gpus = hv.gpus().await?;
+        for g in &gpus {
+            tracing::info!(kind = %g.kind, address = %g.address(), name = %g.name, "GPU found");
+        }
         let lost = store.lose_running_tasks()?;
         if lost > 0 {
             tracing::warn!(
@@ -128,6 +137,7 @@ impl Manager {
             idle_rx: Mutex::new(Some(idle_rx)),
             tasks: Mutex::new(HashMap::new()),
             host,
+            gpus,
             admission: tokio::sync::Mutex::new(()),
             store,
             hv,
@@ -149,11 +159,12 @@ impl Manager {
     }
 
     fn limits(&self) -> HardwareLimits {
+        let mut gpu_kinds: Vec<String> = self.gpus.iter().map(|g| g.kind.clone()).collect();
+        gpu_kinds.sort();
+        gpu_kinds.dedup();
         HardwareLimits {
             max_volume_size_gb: self.config.max_volume_size_gb,
-            // GPU discovery through libvirt node devices is not implemented yet, so no kind
-            // is accepted.
-            gpu_kinds: Vec::new(),
+            gpu_kinds,
         }
     }
 
@@ -203,6 +214,11 @@ impl Manager {
                 self.undedicated_cpus()?
             },
             dedicated_cpus: ws.dedicated_cpus.clone(),
+            gpu: ws
+                .gpu_device
+                .as_ref()
+                .and_then(|d| self.gpus.iter().find(|g| g.device == *d))
+                .map(|g| (g.domain, g.bus, g.slot, g.function)),
         })
     }
 
@@ -220,6 +236,9 @@ impl Manager {
         }
         if to.vm_is_off() && !ws.dedicated_cpus.is_empty() {
             self.store.set_dedicated_cpus(&ws.id, &[])?;
+        }
+        if to.vm_is_off() && ws.gpu_device.is_some() {
+            self.store.set_gpu_device(&ws.id, None)?;
         }
         if !matches!(to, State::Starting | State::Stopping) {
             self.phases
@@ -241,6 +260,9 @@ impl Manager {
             hypervisor: v.hypervisor,
             accelerator: self.hv.domain_type().accelerator(),
             max_volume_size_gb: self.config.max_volume_size_gb,
+            cpus: self.host.0,
+            memory_mib: self.host.1,
+            gpus: self.gpu_holders()?,
         })
     }
 

@@ -17,7 +17,13 @@ impl Manager {
         state::transition(ws.state, Event::Start)?;
         self.check_capacity(&ws)?;
         let dedicated = self.allocate_cpus(&ws)?;
+        let gpu = self.allocate_gpu(&ws)?;
         let mut ws = self.apply(&ws, Event::Start, "")?;
+        if let Some(device) = gpu {
+            self.store.set_gpu_device(&ws.id, Some(&device))?;
+            tracing::info!(workspace = %ws.id, gpu = %device, "GPU attached");
+            ws.gpu_device = Some(device);
+        }
         if !dedicated.is_empty() {
             self.store.set_dedicated_cpus(&ws.id, &dedicated)?;
             tracing::info!(workspace = %ws.id, cpus = ?dedicated, "dedicated host CPUs");
@@ -112,6 +118,67 @@ impl Manager {
             )));
         }
         Ok(free[..hw.cpus as usize].to_vec())
+    }
+
+    /// For a workspace with a GPU kind, picks a GPU of that kind that no running workspace
+    /// holds; refused when all are held.
+    fn allocate_gpu(&self, ws: &Workspace) -> Result<Option<String>> {
+        let hw = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
+        let Some(kind) = &hw.gpu_kind else {
+            return Ok(None);
+        };
+        let holders: Vec<(String, WorkspaceId)> = self
+            .store
+            .list_workspaces(&WorkspaceFilter::default(), None)?
+            .into_iter()
+            .filter(|w| w.id != ws.id && !w.state.vm_is_off())
+            .filter_map(|w| w.gpu_device.map(|d| (d, w.id)))
+            .collect();
+        let of_kind: Vec<_> = self.gpus.iter().filter(|g| g.kind == *kind).collect();
+        if of_kind.is_empty() {
+            return Err(Error::ResourceExhausted(format!(
+                "this host has no GPU of kind {kind} (any more)"
+            )));
+        }
+        match of_kind
+            .iter()
+            .find(|g| !holders.iter().any(|(d, _)| *d == g.device))
+        {
+            Some(g) => Ok(Some(g.device.clone())),
+            None => {
+                // In the order of the GPUs' addresses.
+                let users: Vec<String> = of_kind
+                    .iter()
+                    .filter_map(|g| holders.iter().find(|(d, _)| *d == g.device))
+                    .map(|(_, w)| w.to_string())
+                    .collect();
+                Err(Error::ResourceExhausted(format!(
+                    "all {} GPU(s) of kind {kind} are in use (by {}); stop one of those workspaces first",
+                    of_kind.len(),
+                    users.join(", ")
+                )))
+            }
+        }
+    }
+
+    /// The host's GPUs with the workspace holding each, if any.
+    pub fn gpu_holders(&self) -> Result<Vec<(crate::hypervisor::gpu::Gpu, Option<WorkspaceId>)>> {
+        let all = self
+            .store
+            .list_workspaces(&WorkspaceFilter::default(), None)?;
+        Ok(self
+            .gpus
+            .iter()
+            .map(|g| {
+                let holder = all
+                    .iter()
+                    .find(|w| {
+                        !w.state.vm_is_off() && w.gpu_device.as_deref() == Some(g.device.as_str())
+                    })
+                    .map(|w| w.id.clone());
+                (g.clone(), holder)
+            })
+            .collect())
     }
 
     async fn run_start(&self, ws: Workspace) {
