@@ -436,3 +436,45 @@ impl TestEnv {
             .into()
     }
 }
+
+/// Helpers shared by the end-to-end test files.
+pub mod e2e {
+    use std::path::{Path, PathBuf};
+
+    use super::TestEnv;
+
+    /// A built image directory named by an environment variable that `scripts/e2e.sh` sets.
+    pub fn image_dir(var: &str) -> Option<PathBuf> {
+        std::env::var_os(var).map(PathBuf::from)
+    }
+
+    /// Imports a built image directory (`disk.qcow2`, `vmlinuz`, `initrd.img`, `cmdline`).
+    pub fn import(env: &TestEnv, name: &str, dir: &Path) {
+        let cmdline = std::fs::read_to_string(dir.join("cmdline")).expect("image dir has cmdline");
+        let p = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+        env.ok(&[
+            "image",
+            "import",
+            name,
+            &p("disk.qcow2"),
+            "--kernel",
+            &p("vmlinuz"),
+            "--initrd",
+            &p("initrd.img"),
+            "--cmdline",
+            cmdline.trim(),
+        ]);
+    }
+
+    /// A daemon on the real libvirtd with the test guest imported as the default image and
+    /// a project `e2e`.
+    pub fn testguest_env(extra: &str) -> TestEnv {
+        let dir = image_dir("AETHER_E2E_TESTGUEST").expect(
+            "AETHER_E2E_TESTGUEST is not set: run the end-to-end tests with scripts/e2e.sh",
+        );
+        let env = TestEnv::start_real(&format!("default_image = \"testguest\"\n{extra}"));
+        import(&env, "testguest", &dir);
+        env.ok(&["project", "create", "e2e"]);
+        env
+    }
+}

@@ -4,42 +4,11 @@
 //! images, so they are `#[ignore]`d in a plain `cargo test`; `scripts/e2e.sh` sets all of
 //! that up (inside a network namespace of its own) and runs them with `--ignored`.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use aether_tests::e2e::{image_dir, import, testguest_env};
 use aether_tests::TestEnv;
-
-fn image_dir(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var).map(PathBuf::from)
-}
-
-/// Imports a built image directory (`disk.qcow2`, `vmlinuz`, `initrd.img`, `cmdline`).
-fn import(env: &TestEnv, name: &str, dir: &std::path::Path) {
-    let cmdline = std::fs::read_to_string(dir.join("cmdline")).expect("image dir has cmdline");
-    let p = |f: &str| dir.join(f).to_str().unwrap().to_owned();
-    env.ok(&[
-        "image",
-        "import",
-        name,
-        &p("disk.qcow2"),
-        "--kernel",
-        &p("vmlinuz"),
-        "--initrd",
-        &p("initrd.img"),
-        "--cmdline",
-        cmdline.trim(),
-    ]);
-}
-
-fn testguest_env(extra: &str) -> TestEnv {
-    let dir = image_dir("AETHER_E2E_TESTGUEST")
-        .expect("AETHER_E2E_TESTGUEST is not set: run the end-to-end tests with scripts/e2e.sh");
-    let env = TestEnv::start_real(&format!("default_image = \"testguest\"\n{extra}"));
-    import(&env, "testguest", &dir);
-    env.ok(&["project", "create", "e2e"]);
-    env
-}
 
 fn create(env: &TestEnv, args: &[&str]) -> String {
     let mut all = vec!["workspace", "create", "--project", "e2e"];

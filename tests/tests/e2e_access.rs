@@ -9,47 +9,16 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use aether_tests::e2e::testguest_env;
 use aether_tests::TestEnv;
 
 /// How long a TCG boot of the test guest may take, with margin (the daemon's boot timeout
 /// under TCG is 300 s).
 const BOOT: Duration = Duration::from_secs(360);
-
-fn image_dir(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var).map(PathBuf::from)
-}
-
-/// Imports a built image directory (`disk.qcow2`, `vmlinuz`, `initrd.img`, `cmdline`).
-fn import(env: &TestEnv, name: &str, dir: &std::path::Path) {
-    let cmdline = std::fs::read_to_string(dir.join("cmdline")).expect("image dir has cmdline");
-    let p = |f: &str| dir.join(f).to_str().unwrap().to_owned();
-    env.ok(&[
-        "image",
-        "import",
-        name,
-        &p("disk.qcow2"),
-        "--kernel",
-        &p("vmlinuz"),
-        "--initrd",
-        &p("initrd.img"),
-        "--cmdline",
-        cmdline.trim(),
-    ]);
-}
-
-fn testguest_env(extra: &str) -> TestEnv {
-    let dir = image_dir("AETHER_E2E_TESTGUEST")
-        .expect("AETHER_E2E_TESTGUEST is not set: run the end-to-end tests with scripts/e2e.sh");
-    let env = TestEnv::start_real(&format!("default_image = \"testguest\"\n{extra}"));
-    import(&env, "testguest", &dir);
-    env.ok(&["project", "create", "e2e"]);
-    env
-}
 
 /// A small workspace of project e2e (stopped).
 fn create(env: &TestEnv) -> String {

@@ -460,6 +460,16 @@ impl Manager {
         id: &str,
         port: u16,
     ) -> Result<(WorkspaceId, std::net::SocketAddr)> {
+        let (ws, ip) = self.running_with_address(caller, id)?;
+        Ok((ws.id, std::net::SocketAddr::from((ip, port))))
+    }
+
+    /// The workspace, if it is running and has an address (what tunnels and tasks need).
+    fn running_with_address(
+        &self,
+        caller: Caller,
+        id: &str,
+    ) -> Result<(Workspace, std::net::Ipv4Addr)> {
         let ws = self.get_workspace(caller, id)?;
         if ws.state != State::Running {
             return Err(Error::precondition(format!(
@@ -470,7 +480,7 @@ impl Manager {
         let ip = ws
             .ip
             .ok_or_else(|| Error::precondition(format!("workspace {} has no IP address", ws.id)))?;
-        Ok((ws.id, std::net::SocketAddr::from((ip, port))))
+        Ok((ws, ip))
     }
 
     /// Deletes the domain and the row. Without `force` the VM must not be running.

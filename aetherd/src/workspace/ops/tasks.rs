@@ -177,16 +177,7 @@ impl Manager {
         spec: &ExecSpec,
     ) -> Result<(TaskRow, broadcast::Receiver<Frame>)> {
         let remote = remote_command(spec)?;
-        let ws = self.get_workspace(caller, &spec.workspace)?;
-        if ws.state != State::Running {
-            return Err(Error::precondition(format!(
-                "workspace is {}: start it first",
-                ws.state
-            )));
-        }
-        let ip = ws
-            .ip
-            .ok_or_else(|| Error::precondition(format!("workspace {} has no IP address", ws.id)))?;
+        let (ws, ip) = self.running_with_address(caller, &spec.workspace)?;
         std::fs::create_dir_all(self.tasks_dir())
             .map_err(|e| Error::Internal(format!("cannot create the tasks dir: {e}")))?;
         files::set_mode(&self.tasks_dir(), 0o700)?;
