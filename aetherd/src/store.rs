@@ -740,7 +740,7 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "{TASK_QUERY} WHERE (?1 IS NULL OR t.workspace_id = ?1) AND (?2 IS NULL OR w.owner_uid = ?2) \
-             ORDER BY t.started_at DESC, t.id"
+             ORDER BY t.started_at DESC, t.rowid DESC"
         ))?;
         let rows = stmt.query_map(params![ws.map(WorkspaceId::as_str), owner], task_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

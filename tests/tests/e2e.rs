@@ -482,6 +482,7 @@ fn watch_shows_the_phases_of_a_real_start_and_stop() {
             "starting/",
             "starting/booting",
             "starting/waiting for ssh",
+            "starting/waiting for cloud-init",
             "running/",
             "stopping/",
             "stopping/shutting down",

@@ -238,6 +238,7 @@ impl Manager {
             .ip
             .ok_or_else(|| Error::precondition(format!("workspace {} has no IP address", ws.id)))?;
         self.set_phase(&ws.id, "waiting for ssh");
+        let mut waiting_for_cloud_init = false;
         let timeout = self.boot_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -248,16 +249,54 @@ impl Manager {
                 return Err(Error::Internal("the VM stopped while booting".into()));
             }
             if ssh_banner(std::net::SocketAddr::from((ip, 22))).await {
-                return Ok(Readiness::Ready);
+                if !waiting_for_cloud_init {
+                    waiting_for_cloud_init = true;
+                    self.set_phase(&ws.id, "waiting for cloud-init");
+                }
+                if self.guest_settled(ws, ip, deadline).await {
+                    return Ok(Readiness::Ready);
+                }
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(Error::Internal(format!(
-                    "the guest did not answer SSH on {ip}:22 within {} s",
-                    timeout.as_secs()
-                )));
+                return Err(Error::Internal(if waiting_for_cloud_init {
+                    format!(
+                        "the guest answered SSH on {ip}:22 but aetherd could not log in, or cloud-init did not finish, within {} s",
+                        timeout.as_secs()
+                    )
+                } else {
+                    format!(
+                        "the guest did not answer SSH on {ip}:22 within {} s",
+                        timeout.as_secs()
+                    )
+                }));
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+
+    /// Whether the daemon can log in to the guest with its own key and cloud-init (if the
+    /// guest has it) has finished: until then cloud-init may still install keys or restart
+    /// sshd, and a user's first connections would fail. Bounded by `deadline`.
+    async fn guest_settled(
+        &self,
+        ws: &Workspace,
+        ip: std::net::Ipv4Addr,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        const SETTLE: &str = "if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait >/dev/null 2>&1; fi; true";
+        let Ok(mut ssh) = self.daemon_ssh(ws, ip, SETTLE) else {
+            return false;
+        };
+        let run = ssh
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .status();
+        matches!(
+            tokio::time::timeout_at(deadline, run).await,
+            Ok(Ok(status)) if status.success()
+        )
     }
 
     /// " (last console lines: …)" for reasons, or "" without a console log.

@@ -150,6 +150,49 @@ impl Manager {
         self.tasks_dir().join(format!("{id}.log"))
     }
 
+    /// `ssh` to the workspace as its login user with the daemon's key and the pinned host
+    /// key, running `remote` (already quoted for the guest's shell). An argument list: no
+    /// local shell is involved.
+    pub(super) fn daemon_ssh(
+        &self,
+        ws: &Workspace,
+        ip: std::net::Ipv4Addr,
+        remote: &str,
+    ) -> Result<tokio::process::Command> {
+        std::fs::create_dir_all(self.tasks_dir())
+            .map_err(|e| Error::Internal(format!("cannot create the tasks dir: {e}")))?;
+        files::set_mode(&self.tasks_dir(), 0o700)?;
+        let known_hosts = self.tasks_dir().join(format!("known_hosts-{}", ws.id));
+        std::fs::write(
+            &known_hosts,
+            format!("{} {}\n", ws.id, ws.ssh_host_public_key),
+        )
+        .map_err(|e| Error::Internal(format!("cannot write {}: {e}", known_hosts.display())))?;
+        let mut cmd = tokio::process::Command::new("ssh");
+        cmd.arg("-i")
+            .arg(self.layout.keys().join("id_ed25519"))
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
+            .args(["-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+            .args([
+                "-o",
+                &format!("HostKeyAlias={}", ws.id),
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .args([
+                "-l",
+                &ws.login_user,
+                "-p",
+                "22",
+                &ip.to_string(),
+                "--",
+                remote,
+            ]);
+        Ok(cmd)
+    }
+
     /// Number of running tasks of a workspace.
     pub(super) fn running_tasks(&self, id: &WorkspaceId) -> u32 {
         self.tasks
@@ -178,44 +221,15 @@ impl Manager {
     ) -> Result<(TaskRow, broadcast::Receiver<Frame>)> {
         let remote = remote_command(spec)?;
         let (ws, ip) = self.running_with_address(caller, &spec.workspace)?;
-        std::fs::create_dir_all(self.tasks_dir())
-            .map_err(|e| Error::Internal(format!("cannot create the tasks dir: {e}")))?;
-        files::set_mode(&self.tasks_dir(), 0o700)?;
-        let known_hosts = self.tasks_dir().join(format!("known_hosts-{}", ws.id));
-        std::fs::write(
-            &known_hosts,
-            format!("{} {}\n", ws.id, ws.ssh_host_public_key),
-        )
-        .map_err(|e| Error::Internal(format!("cannot write {}: {e}", known_hosts.display())))?;
-
+        // Also creates the tasks dir.
+        let mut ssh = self.daemon_ssh(&ws, ip, &remote)?;
         let id = new_task_id();
         let log = std::fs::OpenOptions::new()
             .create_new(true)
             .append(true)
             .open(self.task_log(&id))
             .map_err(|e| Error::Internal(format!("cannot create the task log: {e}")))?;
-        let mut child = tokio::process::Command::new("ssh")
-            .arg("-i")
-            .arg(self.layout.keys().join("id_ed25519"))
-            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
-            .args(["-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"])
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
-            .args([
-                "-o",
-                &format!("HostKeyAlias={}", ws.id),
-                "-o",
-                "LogLevel=ERROR",
-            ])
-            .args([
-                "-l",
-                &ws.login_user,
-                "-p",
-                "22",
-                &ip.to_string(),
-                "--",
-                &remote,
-            ])
+        let mut child = ssh
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
