@@ -5,7 +5,6 @@
 //! records its arguments. (`workspace ssh` and `workspace proxy` start a stopped workspace and
 //! then connect, so a stopped workspace is never given to the real `ssh` or the proxy here.) A real guest answering SSH is the end-to-end suite's job.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use aether_tests::{bin_dir, TestEnv};
@@ -35,21 +34,7 @@ fn proxy_to_an_unknown_workspace_fails() {
 /// Runs `aether workspace ssh` with a stand-in `ssh` first on PATH that writes its arguments,
 /// one a line, to a file; returns them.
 fn ssh_args(env: &TestEnv, args: &[&str]) -> Vec<String> {
-    let bin = env.dir.path().join("fake-bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let out = env.dir.path().join("ssh-args");
-    let script = bin.join("ssh");
-    std::fs::write(
-        &script,
-        format!("#!/bin/sh\nprintf '%s\\n' \"$@\" > '{}'\n", out.display()),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let (path, out) = env.fake_ssh();
     let mut all = vec!["workspace", "ssh"];
     all.extend_from_slice(args);
     let r = env.cli().env("PATH", path).args(&all).output().unwrap();
