@@ -55,31 +55,43 @@ WORK=$(mktemp -d /tmp/testguest-build.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 
 # ---------------------------------------------------------------- kernel
-kernel_package() {
-    apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-        awk '$1 == "Depends:" && $2 ~ /^linux-image-6\.1\.0-.*-cloud-amd64$/ { print $2; exit }'
-}
-KPKG=$(kernel_package || true)
-if [ -z "$KPKG" ]; then
-    apt_update_once
+mkdir -p "$WORK/kernel"
+if [ -n "${TESTGUEST_KERNEL_TREE:-}" ]; then
+    # Offline rebuild: a directory laid out like the unpacked kernel package
+    # (boot/vmlinuz-KVER, lib/modules/KVER/...), e.g. assembled from an earlier build.
+    KVER=$(find "$TESTGUEST_KERNEL_TREE/lib/modules" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' | head -n 1)
+    [ -n "$KVER" ] || die "TESTGUEST_KERNEL_TREE=$TESTGUEST_KERNEL_TREE has no lib/modules/KVER"
+    KSRC=$TESTGUEST_KERNEL_TREE
+    log "kernel $KVER from $KSRC (no download)"
+    cp -a "$TESTGUEST_KERNEL_TREE/." "$WORK/kernel/"
+else
+    kernel_package() {
+        apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+            awk '$1 == "Depends:" && $2 ~ /^linux-image-6\.1\.0-.*-cloud-amd64$/ { print $2; exit }'
+    }
     KPKG=$(kernel_package || true)
-fi
-[ -n "$KPKG" ] || die "apt-cache depends linux-image-cloud-amd64 names no linux-image-6.1.0-*-cloud-amd64"
-KVER=${KPKG#linux-image-}
-log "kernel package $KPKG"
+    if [ -z "$KPKG" ]; then
+        apt_update_once
+        KPKG=$(kernel_package || true)
+    fi
+    [ -n "$KPKG" ] || die "apt-cache depends linux-image-cloud-amd64 names no linux-image-6.1.0-*-cloud-amd64"
+    KVER=${KPKG#linux-image-}
+    KSRC=$KPKG
+    log "kernel package $KPKG"
 
-mkdir -p "$WORK/dl" "$WORK/kernel"
-# _apt cannot write into a 0700 mktemp dir; let it (avoids the unsandboxed-download warning).
-chmod 0755 "$WORK" && chmod 0777 "$WORK/dl"
-(cd "$WORK/dl" && apt-get download -qq "$KPKG" >&2) || {
-    apt_update_once
-    (cd "$WORK/dl" && apt-get download -qq "$KPKG" >&2)
-}
-dpkg -x "$WORK"/dl/"$KPKG"_*.deb "$WORK/kernel"
+    mkdir -p "$WORK/dl"
+    # _apt cannot write into a 0700 mktemp dir; let it (avoids the unsandboxed-download warning).
+    chmod 0755 "$WORK" && chmod 0777 "$WORK/dl"
+    (cd "$WORK/dl" && apt-get download -qq "$KPKG" >&2) || {
+        apt_update_once
+        (cd "$WORK/dl" && apt-get download -qq "$KPKG" >&2)
+    }
+    dpkg -x "$WORK"/dl/"$KPKG"_*.deb "$WORK/kernel"
+fi
 VMLINUZ="$WORK/kernel/boot/vmlinuz-$KVER"
 MODDIR="$WORK/kernel/lib/modules/$KVER"
-[ -f "$VMLINUZ" ] || die "no $VMLINUZ in $KPKG"
-[ -d "$MODDIR" ] || die "no $MODDIR in $KPKG"
+[ -f "$VMLINUZ" ] || die "no $VMLINUZ in $KSRC"
+[ -d "$MODDIR" ] || die "no $MODDIR in $KSRC"
 
 # ---------------------------------------------------------------- modules
 # Wanted modules (file base names); their dependencies are added and ordered automatically.
@@ -381,11 +393,17 @@ if [ -b /dev/vda ]; then
         /usr/sbin/e2fsck -p /dev/vda >/dev/null 2>&1
         rc=$?
         [ "$rc" -le 1 ] || say "e2fsck /dev/vda exited $rc"
-        /usr/sbin/resize2fs /dev/vda >/dev/null 2>&1 || true   # grow to the volume's size
         ;;
     esac
     if mount -o noatime /dev/vda /data; then
         say "persistent disk /dev/vda ($fstype) on /data"
+        # Grow to the volume's size, online as cloud-init does: offline resize2fs refuses a
+        # filesystem mounted since its last full check.
+        case "$fstype" in
+        ext2|ext3|ext4)
+            out=$(/usr/sbin/resize2fs /dev/vda 2>&1) || say "resize2fs /dev/vda failed: $(echo "$out" | tail -n 1)"
+            ;;
+        esac
         mkdir -p /data/home /data/aether
         mount -o bind /data/home /home
     else
