@@ -397,7 +397,7 @@ fn idle_timeout_stops_an_unused_workspace_and_spares_one_with_an_open_ssh_sessio
 
 #[test]
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
-fn the_idle_clock_survives_a_daemon_restart() {
+fn the_idle_clock_survives_a_daemon_restart_and_running_tasks_are_lost() {
     let mut env = testguest_env("");
     let ws = create(
         &env,
@@ -429,6 +429,23 @@ fn the_idle_clock_survives_a_daemon_restart() {
         "not reset by the restart"
     );
     assert_eq!(after["stops_at"].as_i64().unwrap(), since + 3600);
+
+    // A task running when the daemon goes away is marked lost, never left running, and no
+    // longer keeps the workspace busy.
+    let task = env
+        .ok(&["workspace", "exec", &ws, "--detach", "--", "sleep", "300"])
+        .trim()
+        .to_owned();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(env.json(&["workspace", "get", &ws])["running_tasks"], 1);
+    env.restart_daemon();
+    let t = env.json(&["task", "list", "--workspace", &ws]);
+    assert_eq!(t[0]["id"], task.as_str(), "{t}");
+    assert_eq!(t[0]["state"], "lost", "{t}");
+    let w = env.json(&["workspace", "get", &ws]);
+    assert_eq!(w["state"], "running", "{w}");
+    assert_eq!(w["running_tasks"], 0, "{w}");
+    assert!(w["idle_since"].as_i64().unwrap() > since, "{w}");
     env.ok(&["workspace", "delete", &ws, "--force"]);
 }
 
