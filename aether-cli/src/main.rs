@@ -284,7 +284,7 @@ struct HardwareArgs {
     /// [create default: 20].
     #[arg(long)]
     volume_size: Option<u32>,
-    /// shared (vCPUs float over host CPUs) or performance (dedicated host CPUs) [create default: shared].
+    /// shared (vCPUs float over the host CPUs no performance workspace holds) or performance (dedicated host CPUs) [create default: shared].
     #[arg(long)]
     cpu_kind: Option<String>,
     /// A GPU kind this host has (see `aether host info`); "" removes the GPU.

@@ -164,8 +164,7 @@ pub fn workspace_details(w: &pb::Workspace) -> String {
         lines.push(("hardware", hardware_long(h)));
     }
     if !w.dedicated_cpus.is_empty() {
-        let cpus: Vec<String> = w.dedicated_cpus.iter().map(u32::to_string).collect();
-        lines.push(("dedicated cpus", cpus.join(",")));
+        lines.push(("dedicated cpus", cpu_list(&w.dedicated_cpus)));
     }
     if let Some(p) = &w.pending_hardware {
         lines.push((
@@ -219,9 +218,25 @@ pub fn project_details(p: &pb::Project) -> String {
     ])
 }
 
+/// `1,2` for a list of host CPUs.
+fn cpu_list(cpus: &[u32]) -> String {
+    cpus.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 pub fn host_details(h: &pb::HostInfo) -> String {
     let mut text = key_values(&[
         ("cpus", h.cpus.to_string()),
+        (
+            "shared cpus",
+            if h.shared_cpus.is_empty() {
+                "all (none dedicated)".to_owned()
+            } else {
+                cpu_list(&h.shared_cpus)
+            },
+        ),
         ("memory", format!("{} MiB", h.memory_mib)),
         ("aetherd", h.version.clone()),
         ("libvirt uri", h.libvirt_uri.clone()),
@@ -391,6 +406,7 @@ pub fn host_json(h: &pb::HostInfo) -> Value {
         "accelerator": h.accelerator,
         "max_volume_size_gb": h.max_volume_size_gb,
         "cpus": h.cpus,
+        "shared_cpus": h.shared_cpus,
         "memory_mib": h.memory_mib,
         "gpus": h.gpus.iter().map(|g| json!({
             "kind": g.kind,

@@ -83,10 +83,21 @@ fn performance_workspaces_get_dedicated_cpus_until_none_are_free() {
     let a = create(&["--cpu-kind", "performance", "--cpus", "2"]);
     let b = create(&["--cpu-kind", "performance", "--cpus", "2"]);
     let shared = create(&["--cpus", "4"]);
+    let shared_cpus = || env.json(&["host", "info"])["shared_cpus"].clone();
+    assert_eq!(
+        shared_cpus(),
+        serde_json::json!([]),
+        "nothing dedicated yet"
+    );
     env.ok(&["workspace", "start", &a]);
     assert_eq!(
         env.json(&["workspace", "get", &a])["dedicated_cpus"],
         serde_json::json!([1, 2])
+    );
+    assert_eq!(shared_cpus(), serde_json::json!([0, 3]));
+    assert_eq!(
+        aether_tests::field(&env.ok(&["host", "info"]), "shared cpus").as_deref(),
+        Some("0,3")
     );
     let err = env.fail(&["workspace", "start", &b]);
     assert_eq!(
@@ -106,6 +117,7 @@ fn performance_workspaces_get_dedicated_cpus_until_none_are_free() {
         env.json(&["workspace", "get", &a])["dedicated_cpus"],
         serde_json::json!([])
     );
+    assert_eq!(shared_cpus(), serde_json::json!([]));
     env.ok(&["workspace", "start", &b]);
     assert_eq!(
         env.json(&["workspace", "get", &b])["dedicated_cpus"],

@@ -715,6 +715,36 @@ fn the_guest_sees_its_cpus_memory_and_a_grown_volume() {
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn a_performance_workspace_runs_on_its_dedicated_cpu() {
     let env = testguest_env("");
+    // A shared workspace that is already running floats over both CPUs until one of them is
+    // dedicated, and again once it is released.
+    let shared = create(
+        &env,
+        &["--cpus", "1", "--memory", "256", "--volume-size", "2"],
+    );
+    env.ok(&["workspace", "start", &shared]);
+    let shared_domain = format!("aether-{shared}");
+    let affinity = |what: &str| {
+        // `virsh vcpupin` prints ` 0   0-1`, `virsh emulatorpin` prints `   *: 0-1`.
+        let out = env.virsh(&[what, &shared_domain]);
+        out.lines()
+            .filter_map(|l| l.split_whitespace().last().map(str::to_owned))
+            .next_back()
+            .unwrap_or_default()
+    };
+    let wait_for_affinity = |cpus: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while affinity("vcpupin") != cpus || affinity("emulatorpin") != cpus {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "shared workspace: vcpus on {}, emulator on {}, wanted {cpus}",
+                affinity("vcpupin"),
+                affinity("emulatorpin")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for_affinity("0-1");
+
     // This host has 2 CPUs; CPU 0 stays for the host, so CPU 1 is the one to dedicate.
     let ws = create(
         &env,
@@ -746,6 +776,7 @@ fn a_performance_workspace_runs_on_its_dedicated_cpu() {
         "{pins}"
     );
     assert_eq!(ssh(&env, &ws, "cat /etc/hostname").trim(), ws);
+    wait_for_affinity("0");
     let other = create(
         &env,
         &[
@@ -766,5 +797,7 @@ fn a_performance_workspace_runs_on_its_dedicated_cpu() {
         "{err}"
     );
     env.ok(&["workspace", "delete", &ws, "--force"]);
+    wait_for_affinity("0-1");
     env.ok(&["workspace", "delete", &other]);
+    env.ok(&["workspace", "delete", &shared, "--force"]);
 }

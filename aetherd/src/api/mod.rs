@@ -161,6 +161,7 @@ impl Aether for Service {
                     held_by: holder.map(|w| w.to_string()).unwrap_or_default(),
                 })
                 .collect(),
+            shared_cpus: h.shared_cpus,
         }))
     }
 

@@ -460,6 +460,32 @@ impl Hypervisor {
             .await
     }
 
+    /// Confines a running domain's emulator threads to `cpus`, and its vCPUs too when
+    /// `vcpus_too` (a shared workspace; a performance one keeps its vCPU pins). Applies to the
+    /// live domain only: its next start takes the pins from the XML. A domain that is off or
+    /// missing is left alone.
+    pub async fn pin_to(&self, ws: &WorkspaceId, cpus: &[u32], vcpus_too: bool) -> Result<()> {
+        let ws = ws.clone();
+        let map = cpumap(cpus);
+        self.call("virDomainPinVcpuFlags", move |c| {
+            let Some(dom) = owned_domain(c, &ws)? else {
+                return Ok(());
+            };
+            if !dom.is_active()? {
+                return Ok(());
+            }
+            if vcpus_too {
+                for vcpu in 0..dom.info()?.nr_virt_cpu {
+                    // Flags 0: the current (live) domain.
+                    dom.pin_vcpu_flags(vcpu, &map, 0)?;
+                }
+            }
+            dom.pin_emulator(&map, 0)?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Removes the domain definition. A missing domain is fine.
     pub async fn undefine(&self, ws: &WorkspaceId) -> Result<()> {
         let ws = ws.clone();
@@ -483,6 +509,16 @@ impl Hypervisor {
     }
 }
 
+/// libvirt's CPU bitmap: bit `c % 8` of byte `c / 8` set for each host CPU `c`.
+fn cpumap(cpus: &[u32]) -> Vec<u8> {
+    let len = cpus.iter().max().map_or(1, |m| *m as usize / 8 + 1);
+    let mut map = vec![0u8; len];
+    for &c in cpus {
+        map[c as usize / 8] |= 1 << (c % 8);
+    }
+    map
+}
+
 /// Runs a blocking libvirt call on the blocking pool, giving up after `timeout`. A call that
 /// times out keeps its thread until libvirt returns; the caller gets an error at once.
 async fn run_blocking<T: Send + 'static>(
@@ -494,5 +530,18 @@ async fn run_blocking<T: Send + 'static>(
         Ok(Ok(r)) => r,
         Ok(Err(join)) => Err(Error::Internal(format!("{what} panicked: {join}"))),
         Err(_) => Err(Error::LibvirtTimeout(what, timeout.as_secs())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpumap;
+
+    #[test]
+    fn cpumap_sets_one_bit_per_cpu() {
+        assert_eq!(cpumap(&[0]), vec![0b1]);
+        assert_eq!(cpumap(&[0, 2, 3]), vec![0b1101]);
+        assert_eq!(cpumap(&[1, 9]), vec![0b10, 0b10]);
+        assert_eq!(cpumap(&[8]), vec![0, 1]);
     }
 }

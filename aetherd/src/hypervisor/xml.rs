@@ -77,10 +77,12 @@ pub struct DomainSpec {
     pub network: String,
     /// File that receives the serial console.
     pub console_log: Option<PathBuf>,
-    /// Performance workspaces: the host CPU of each vCPU (vCPU i on `dedicated_cpus[i]`), and
-    /// the host CPUs the emulator threads may use. Empty: vCPUs float (shared).
+    /// Performance workspaces: the host CPU of each vCPU (vCPU i on `dedicated_cpus[i]`).
+    /// Empty: a shared workspace, whose vCPUs float over `shared_cpus`.
     pub dedicated_cpus: Vec<u32>,
-    pub emulator_cpus: Vec<u32>,
+    /// Host CPUs dedicated to no workspace: where a shared workspace's vCPUs and every
+    /// workspace's emulator threads run. Empty: all of them (nothing is dedicated).
+    pub shared_cpus: Vec<u32>,
     /// PCI address (domain, bus, slot, function) of a GPU passed through (managed hostdev).
     pub gpu: Option<(u32, u32, u32, u32)>,
 }
@@ -264,18 +266,23 @@ pub fn domain_xml(spec: &DomainSpec) -> String {
                 w.create_element("metadata")
                     .write_inner_content(|w| write_metadata(w, spec))?;
                 text_element(w, "memory", &[("unit", "MiB")], &memory)?;
-                text_element(w, "vcpu", &[], &cpus)?;
+                if spec.dedicated_cpus.is_empty() && !spec.shared_cpus.is_empty() {
+                    let set = cpuset(&spec.shared_cpus);
+                    text_element(w, "vcpu", &[("cpuset", &set)], &cpus)?;
+                } else {
+                    text_element(w, "vcpu", &[], &cpus)?;
+                }
                 if !spec.dedicated_cpus.is_empty() {
                     w.create_element("cputune").write_inner_content(|w| {
                         for (vcpu, host) in spec.dedicated_cpus.iter().enumerate() {
                             let (vcpu, host) = (vcpu.to_string(), host.to_string());
                             empty_element(w, "vcpupin", &[("vcpu", &vcpu), ("cpuset", &host)])?;
                         }
-                        if !spec.emulator_cpus.is_empty() {
+                        if !spec.shared_cpus.is_empty() {
                             empty_element(
                                 w,
                                 "emulatorpin",
-                                &[("cpuset", &cpuset(&spec.emulator_cpus))],
+                                &[("cpuset", &cpuset(&spec.shared_cpus))],
                             )?;
                         }
                         Ok(())
@@ -360,7 +367,7 @@ mod tests {
             network: "aether".into(),
             console_log: None,
             dedicated_cpus: Vec::new(),
-            emulator_cpus: Vec::new(),
+            shared_cpus: Vec::new(),
             gpu: None,
         }
     }
@@ -410,10 +417,18 @@ mod tests {
         let performance = DomainSpec {
             domain_type: DomainType::Kvm,
             dedicated_cpus: vec![2, 3],
-            emulator_cpus: vec![0, 1],
+            shared_cpus: vec![0, 1],
             ..spec()
         };
         golden("domain-performance-kvm.xml", &domain_xml(&performance));
+        let shared_beside_performance = DomainSpec {
+            shared_cpus: vec![0, 1],
+            ..spec()
+        };
+        golden(
+            "domain-shared-confined.xml",
+            &domain_xml(&shared_beside_performance),
+        );
         let with_gpu = DomainSpec {
             gpu: Some((0, 1, 0, 0)),
             ..full_spec()

@@ -64,6 +64,7 @@ pub struct HostInfo {
     pub cpus: u32,
     pub memory_mib: u64,
     pub gpus: Vec<(crate::hypervisor::gpu::Gpu, Option<WorkspaceId>)>,
+    pub shared_cpus: Vec<u32>,
 }
 
 pub struct Manager {
@@ -97,6 +98,8 @@ pub struct Manager {
     /// Held from a start's capacity check to its transition, so two starts cannot both
     /// take the last free memory.
     admission: tokio::sync::Mutex<()>,
+    /// Woken when CPUs are dedicated or released (see `repin_running`).
+    repin: tokio::sync::Notify,
 }
 
 impl Manager {
@@ -139,6 +142,7 @@ impl Manager {
             host,
             gpus,
             admission: tokio::sync::Mutex::new(()),
+            repin: tokio::sync::Notify::new(),
             store,
             hv,
             config,
@@ -208,11 +212,7 @@ impl Manager {
             mac: ws.mac.clone(),
             network: crate::network::NETWORK_NAME.to_owned(),
             console_log: Some(self.layout.console_log(&ws.id)),
-            emulator_cpus: if ws.dedicated_cpus.is_empty() {
-                Vec::new()
-            } else {
-                self.undedicated_cpus()?
-            },
+            shared_cpus: self.shared_cpus()?,
             dedicated_cpus: ws.dedicated_cpus.clone(),
             gpu: ws
                 .gpu_device
@@ -236,6 +236,7 @@ impl Manager {
         }
         if to.vm_is_off() && !ws.dedicated_cpus.is_empty() {
             self.store.set_dedicated_cpus(&ws.id, &[])?;
+            self.cpus_changed();
         }
         if to.vm_is_off() && ws.gpu_device.is_some() {
             self.store.set_gpu_device(&ws.id, None)?;
@@ -263,6 +264,7 @@ impl Manager {
             cpus: self.host.0,
             memory_mib: self.host.1,
             gpus: self.gpu_holders()?,
+            shared_cpus: self.shared_cpus()?,
         })
     }
 

@@ -28,6 +28,7 @@ impl Manager {
             self.store.set_dedicated_cpus(&ws.id, &dedicated)?;
             tracing::info!(workspace = %ws.id, cpus = ?dedicated, "dedicated host CPUs");
             ws.dedicated_cpus = dedicated;
+            self.cpus_changed();
         }
         let this = Arc::clone(self);
         let starting = ws.clone();
@@ -81,8 +82,10 @@ impl Manager {
             .collect())
     }
 
-    /// Host CPUs dedicated to nobody: where shared work and emulator threads run.
-    pub(super) fn undedicated_cpus(&self) -> Result<Vec<u32>> {
+    /// Host CPUs dedicated to nobody: where shared workspaces' vCPUs and every workspace's
+    /// emulator threads run. Empty while nothing is dedicated (then they float over all CPUs),
+    /// and also when everything is (`reserved_host_cpus = []`): nothing is left to confine to.
+    pub fn shared_cpus(&self) -> Result<Vec<u32>> {
         let held: Vec<u32> = self
             .store
             .list_workspaces(&WorkspaceFilter::default(), None)?
@@ -90,7 +93,51 @@ impl Manager {
             .filter(|w| !w.state.vm_is_off())
             .flat_map(|w| w.dedicated_cpus)
             .collect();
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
         Ok((0..self.host.0).filter(|c| !held.contains(c)).collect())
+    }
+
+    /// Asks the pinning task to bring the running VMs in line with the dedicated CPUs.
+    pub(super) fn cpus_changed(&self) {
+        self.repin.notify_one();
+    }
+
+    /// Confines every running VM to the shared CPUs (a shared workspace's vCPUs and emulator
+    /// threads; a performance workspace's emulator threads), so no other VM runs on a CPU that
+    /// was dedicated after it booted, and widens them again once it is released. Failures are
+    /// logged: pinning is an optimisation of placement, not a reason to fail a start or stop.
+    pub(super) async fn repin_running(&self) {
+        let workspaces = match self
+            .store
+            .list_workspaces(&WorkspaceFilter::default(), None)
+        {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list workspaces to pin their CPUs");
+                return;
+            }
+        };
+        let mut cpus = match self.shared_cpus() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot compute the shared CPUs");
+                return;
+            }
+        };
+        if cpus.is_empty() {
+            cpus = (0..self.host.0).collect();
+        }
+        for ws in workspaces.iter().filter(|w| !w.state.vm_is_off()) {
+            let shared = ws.dedicated_cpus.is_empty();
+            match self.hv.pin_to(&ws.id, &cpus, shared).await {
+                Ok(()) => tracing::debug!(workspace = %ws.id, cpus = ?cpus, shared, "pinned"),
+                Err(e) => {
+                    tracing::warn!(workspace = %ws.id, error = %e, "cannot pin the VM's CPUs")
+                }
+            }
+        }
     }
 
     /// For a performance workspace, picks one free dedicatable host CPU per vCPU (lowest
@@ -188,6 +235,8 @@ impl Manager {
             self.set_phase(&ws.id, "booting");
             self.hv.define(&self.spec(&ws)?).await?;
             self.hv.start(&ws.id).await?;
+            // The CPUs dedicated elsewhere may have changed since its XML was written.
+            self.cpus_changed();
             self.wait_ready(&ws).await
         }
         .await;

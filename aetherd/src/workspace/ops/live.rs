@@ -112,7 +112,7 @@ impl Manager {
         let _ = self.idle_tx.send(id.clone());
     }
 
-    /// Starts the background tasks: lifecycle events and idle re-evaluation. Every running
+    /// Starts the background tasks: lifecycle events, idle re-evaluation and CPU pinning. Every running
     /// workspace is evaluated once (after a restart its persisted idle clock is kept; one that
     /// was active starts its idle clock now).
     pub fn start_background(self: &Arc<Self>) -> Result<()> {
@@ -136,6 +136,15 @@ impl Manager {
         {
             self.idle_changed(&ws.id);
         }
+        // CPU pinning: once now (what was dedicated may have changed while the daemon was
+        // down), then whenever CPUs are dedicated or released. Notify coalesces bursts.
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                this.repin_running().await;
+                this.repin.notified().await;
+            }
+        });
         Ok(())
     }
 
