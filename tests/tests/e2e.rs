@@ -213,6 +213,34 @@ fn debian_12_with_cloud_init_accepts_ssh_with_the_pinned_host_key() {
         .parse()
         .unwrap();
     assert!(size > 3000, "root filesystem is {size} MiB");
+
+    // scp (SFTP, OpenSSH's default) through the `aether ssh-config` ProxyCommand, both ways.
+    let config = env.dir.path().join("ssh_config");
+    std::fs::write(&config, env.ok(&["ssh-config", &ws])).unwrap();
+    let local = env.dir.path().join("payload");
+    let payload: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+    std::fs::write(&local, &payload).unwrap();
+    let back = env.dir.path().join("payload.back");
+    let scp = |from: &str, to: &str| {
+        let out = std::process::Command::new("scp")
+            .arg("-F")
+            .arg(&config)
+            .args(["-q", "-o", "BatchMode=yes", from, to])
+            .env("HOME", env.dir.path())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scp {from} {to}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    scp(local.to_str().unwrap(), &format!("{ws}:payload"));
+    assert_eq!(ssh(&env, &ws, "wc -l < payload").trim(), "2000");
+    scp(&format!("{ws}:payload"), back.to_str().unwrap());
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), payload);
+
     env.ok(&["workspace", "stop", &ws]);
     env.ok(&["workspace", "delete", &ws]);
 }
