@@ -55,9 +55,12 @@ fn zero_means_never_and_bad_durations_are_refused() {
         "create",
         "--project",
         "live",
+        "--image",
+        "no-such-image",
         "--idle-timeout",
         "x",
     ]);
+    // Bad input is named before anything is looked up.
     assert!(err.contains("invalid duration \"x\""), "{err}");
     assert_eq!(
         env.json(&["workspace", "list"]).as_array().unwrap().len(),

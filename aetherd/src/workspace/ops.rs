@@ -304,6 +304,11 @@ impl Manager {
     ) -> Result<Workspace> {
         let project = self.get_project(caller, &req.project)?;
         let hardware = Hardware::DEFAULT.with(&req.hardware, &self.limits())?;
+        let idle_timeout_secs = req
+            .idle_timeout
+            .as_deref()
+            .map(crate::model::parse_duration_secs)
+            .transpose()?;
         let image_name = match (req.image.as_str(), self.config.default_image.as_str()) {
             ("", "") => {
                 return Err(Error::invalid(
@@ -328,11 +333,6 @@ impl Manager {
         if req.ssh_authorized_keys.is_empty() {
             return Err(Error::invalid("at least one SSH public key is required"));
         }
-        let idle_timeout_secs = req
-            .idle_timeout
-            .as_deref()
-            .map(crate::model::parse_duration_secs)
-            .transpose()?;
         let mut keys = req
             .ssh_authorized_keys
             .iter()
