@@ -5,7 +5,7 @@
 #
 # Steps: system packages (apt-get) -> cargo fmt --check -> cargo clippy -D warnings ->
 # cargo build --workspace -> cargo test --workspace (unit + integration tests against
-# libvirt's in-process test driver) -> scripts/e2e.sh (real VMs; root only).
+# libvirt's in-process test driver) -> bench-scale -> scripts/e2e.sh (real VMs; root only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -38,6 +38,9 @@ trap 'rm -f "$results"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$results"
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "\ntests: %d passed, %d failed\n", p, f }' "$results"
+
+log "benchmark: what many workspaces cost the daemon (test driver)"
+target/debug/bench-scale
 
 # End-to-end tests: real libvirtd + qemu + guests, inside a network namespace. Needs root.
 if [ "$(id -u)" -eq 0 ]; then

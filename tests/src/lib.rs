@@ -270,6 +270,11 @@ impl TestEnv {
         self.daemon = Some(child);
     }
 
+    /// The running daemon's process id.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
     /// Stops the daemon with SIGTERM and waits for it to exit.
     pub fn stop_daemon(&mut self) {
         if let Some(mut child) = self.daemon.take() {
