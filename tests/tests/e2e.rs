@@ -829,3 +829,53 @@ fn a_performance_workspace_runs_on_its_dedicated_cpu() {
     env.ok(&["workspace", "delete", &other]);
     env.ok(&["workspace", "delete", &shared, "--force"]);
 }
+
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn kill_9_during_a_start_and_a_stop_recovers() {
+    let mut env = testguest_env("");
+    let ws = create(
+        &env,
+        &["--cpus", "1", "--memory", "256", "--volume-size", "2"],
+    );
+    let wait_for_phase = |env: &TestEnv, phase: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let w = env.json(&["workspace", "get", &ws]);
+            if w["phase"] == phase {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "never {phase}: {w}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // Killed while the guest boots: the new daemon finds the VM running and waits for it again.
+    env.ok(&["workspace", "start", "--no-wait", &ws]);
+    wait_for_phase(&env, "waiting for ssh");
+    env.kill_daemon();
+    env.start_daemon();
+    env.wait_for_state(&ws, "running", Duration::from_secs(300));
+    assert_eq!(ssh(&env, &ws, "cat /etc/hostname").trim(), ws);
+
+    // Killed while the guest shuts down: the new daemon sees the stop through.
+    env.ok(&["workspace", "stop", "--no-wait", &ws]);
+    assert_eq!(env.state_of(&ws), "stopping");
+    env.kill_daemon();
+    env.start_daemon();
+    env.wait_for_state(&ws, "stopped", Duration::from_secs(90));
+    let w = env.json(&["workspace", "get", &ws]);
+    assert_eq!(w["reason"], "", "{w}");
+    assert_eq!(
+        env.virsh(&["domstate", &format!("aether-{ws}")]).trim(),
+        "shut off"
+    );
+
+    // Killed while running: still running, still reachable.
+    env.ok(&["workspace", "start", &ws]);
+    env.kill_daemon();
+    env.start_daemon();
+    assert_eq!(env.state_of(&ws), "running");
+    assert_eq!(ssh(&env, &ws, "cat /etc/hostname").trim(), ws);
+    env.ok(&["workspace", "delete", &ws, "--force"]);
+}
