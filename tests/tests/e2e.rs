@@ -838,21 +838,18 @@ fn kill_9_during_a_start_and_a_stop_recovers() {
         &env,
         &["--cpus", "1", "--memory", "256", "--volume-size", "2"],
     );
-    let wait_for_phase = |env: &TestEnv, phase: &str| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            let w = env.json(&["workspace", "get", &ws]);
-            if w["phase"] == phase {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "never {phase}: {w}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-
-    // Killed while the guest boots: the new daemon finds the VM running and waits for it again.
+    // Killed while the guest boots (its VM is on, the daemon waits for SSH or cloud-init):
+    // the new daemon finds the VM running and waits for it again.
     env.ok(&["workspace", "start", "--no-wait", &ws]);
-    wait_for_phase(&env, "waiting for ssh");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let w = env.json(&["workspace", "get", &ws]);
+        if w["phase"] == "waiting for ssh" || w["phase"] == "waiting for cloud-init" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never waiting: {w}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     env.kill_daemon();
     env.start_daemon();
     env.wait_for_state(&ws, "running", Duration::from_secs(300));
