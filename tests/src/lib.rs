@@ -37,6 +37,12 @@ pub fn host_xml(cpus: u32, mib: u64) -> String {
         )
 }
 
+/// The median of some timings (benchmarks).
+pub fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
 /// Directory holding the built `aetherd` and `aether` (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

@@ -9,9 +9,9 @@
 //! `scripts/e2e.sh` after the tests. Images hold real (non-zero) data, so a copy would cost.
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use aether_tests::TestEnv;
+use aether_tests::{median, TestEnv};
 
 const RUNS: usize = 5;
 
@@ -24,11 +24,6 @@ fn filled_raw(env: &TestEnv, name: &str, mib: usize) -> std::path::PathBuf {
     }
     f.sync_all().unwrap();
     path
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn main() {

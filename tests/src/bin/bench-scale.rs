@@ -13,16 +13,11 @@
 
 use std::time::{Duration, Instant};
 
-use aether_tests::{host_xml, TestEnv};
+use aether_tests::{host_xml, median, TestEnv};
 
 const STEPS: [usize; 2] = [10, 80];
 const LIST_RUNS: usize = 15;
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
