@@ -1,6 +1,7 @@
 //! Reaching a workspace that may be stopped: `workspace ssh`, `workspace proxy` (so ssh's
-//! ProxyCommand, and with it `aether ssh-config` hosts) and `workspace port-forward` start it
-//! first. Progress goes to stderr only: the proxy's stdout is the connection.
+//! ProxyCommand, and with it `aether ssh-config` hosts), `workspace port-forward` and
+//! `workspace exec` start it first. Progress goes to stderr only: the proxy's stdout is the
+//! connection, exec's is the command's.
 
 use aether_proto::v1 as pb;
 use anyhow::{anyhow, bail};

@@ -202,8 +202,9 @@ enum WorkspaceCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Run a command in a running workspace as a task and stream its output; exits with the
-    /// command's exit code. With --detach, print the task id and return at once.
+    /// Run a command in a workspace as a task (starting the workspace first if it is
+    /// stopped) and stream its output; exits with the command's exit code. With --detach,
+    /// print the task id and return at once.
     Exec {
         id: String,
         /// Print the task id and return; the task keeps running (see `aether task`).

@@ -57,16 +57,23 @@ pub struct ExecArgs {
 }
 
 pub async fn exec(c: &mut Client, json: bool, a: ExecArgs) -> anyhow::Result<ExitCode> {
-    let stream = c
-        .exec(pb::ExecRequest {
-            workspace_id: a.id,
-            argv: a.argv,
-            env: a.env.into_iter().collect(),
-            workdir: a.workdir.unwrap_or_default(),
-            detach: a.detach,
-        })
-        .await?
-        .into_inner();
+    let req = pb::ExecRequest {
+        workspace_id: a.id.clone(),
+        argv: a.argv,
+        env: a.env.into_iter().collect(),
+        workdir: a.workdir.unwrap_or_default(),
+        detach: a.detach,
+    };
+    // The daemon checks the request before the workspace's state, so bad input never starts
+    // a workspace; a workspace that is merely not running is started, then asked again.
+    let stream = match c.exec(req.clone()).await {
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+            crate::autostart::ensure_running(c, &a.id).await?;
+            c.exec(req).await?
+        }
+        r => r?,
+    }
+    .into_inner();
     if a.detach {
         let mut stream = stream;
         let first = stream

@@ -585,6 +585,16 @@ fn exec_streams_output_and_returns_the_exit_code() {
     let logs = env.run(&["task", "logs", tasks[1]["id"].as_str().unwrap()]);
     assert_eq!(logs.stdout, "hello world from /tmp\n");
     assert_eq!(logs.stderr, "oops\n");
+
+    // A stopped workspace is started first (progress on stderr; stdout is the command's).
+    env.ok(&["workspace", "stop", &ws]);
+    let r = env.run(&["workspace", "exec", &ws, "--", "cat", "/etc/hostname"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, format!("{ws}\n"));
+    assert!(
+        r.stderr.contains(&format!("{ws} is stopped: starting it")),
+        "{r:?}"
+    );
     env.ok(&["workspace", "delete", &ws, "--force"]);
 }
 

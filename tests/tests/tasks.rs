@@ -11,8 +11,7 @@ fn exec_is_refused_unless_running_and_validated_first() {
         .ok(&["workspace", "create", "--project", "t"])
         .trim()
         .to_owned();
-    let err = env.fail(&["workspace", "exec", &ws, "--", "true"]);
-    assert_eq!(err, "aether: workspace is stopped: start it first");
+    // Bad input is refused before anything happens: the stopped workspace is not started.
     let err = env.fail(&["workspace", "exec", &ws, "--env", "1BAD=x", "--", "true"]);
     assert!(
         err.contains("invalid environment variable \"1BAD\""),
@@ -24,6 +23,23 @@ fn exec_is_refused_unless_running_and_validated_first() {
     assert_eq!(r.code, 2, "a command is required: {r:?}");
     let err = env.fail(&["workspace", "exec", "ws-zzzzzz", "--", "true"]);
     assert_eq!(err, "aether: workspace ws-zzzzzz not found");
+    assert_eq!(env.state_of(&ws), "stopped");
+
+    // A good request starts the stopped workspace first. The test driver has no guest, so
+    // the daemon then refuses to connect anywhere (the real run is in tests/e2e.rs).
+    let r = env.run(&["workspace", "exec", &ws, "--", "true"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains(&format!("{ws} is stopped: starting it")),
+        "{r:?}"
+    );
+    assert!(
+        r.stderr.ends_with(
+            "aether: libvirt's test driver runs no guest: there is nothing to connect to\n"
+        ),
+        "{r:?}"
+    );
+    assert_eq!(env.state_of(&ws), "running");
     assert_eq!(env.json(&["task", "list"]), serde_json::json!([]));
     assert_eq!(
         env.ok(&["task", "list"]).trim(),

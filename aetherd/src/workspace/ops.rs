@@ -479,6 +479,13 @@ impl Manager {
                 ws.state
             )));
         }
+        // No guest behind the address: connecting would send traffic to an address that is
+        // nobody's (and tests must not).
+        if self.hv.domain_type() == DomainType::Test {
+            return Err(Error::precondition(
+                "libvirt's test driver runs no guest: there is nothing to connect to",
+            ));
+        }
         let ip = ws
             .ip
             .ok_or_else(|| Error::precondition(format!("workspace {} has no IP address", ws.id)))?;
