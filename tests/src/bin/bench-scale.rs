@@ -78,7 +78,8 @@ fn main() {
                 "1",
             ]);
             create_times.push(t.elapsed());
-            env.ok(&["workspace", "start", "--no-wait", id.trim()]);
+            // Waits until it runs, so every list below sees all of them running.
+            env.ok(&["workspace", "start", id.trim()]);
             created += 1;
         }
         let mut list_times = Vec::new();
