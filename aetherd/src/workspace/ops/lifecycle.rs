@@ -73,30 +73,29 @@ impl Manager {
 
     /// Host CPUs held by workspaces whose VM is on (other than `except`).
     fn dedicated_elsewhere(&self, except: &WorkspaceId) -> Result<Vec<u32>> {
-        Ok(self
+        let all = self
             .store
-            .list_workspaces(&WorkspaceFilter::default(), None)?
-            .into_iter()
-            .filter(|w| w.id != *except && !w.state.vm_is_off())
-            .flat_map(|w| w.dedicated_cpus)
-            .collect())
+            .list_workspaces(&WorkspaceFilter::default(), None)?;
+        Ok(held_cpus(&all, Some(except)))
     }
 
     /// Host CPUs dedicated to nobody: where shared workspaces' vCPUs and every workspace's
     /// emulator threads run. Empty while nothing is dedicated (then they float over all CPUs),
     /// and also when everything is (`reserved_host_cpus = []`): nothing is left to confine to.
     pub fn shared_cpus(&self) -> Result<Vec<u32>> {
-        let held: Vec<u32> = self
+        let all = self
             .store
-            .list_workspaces(&WorkspaceFilter::default(), None)?
-            .into_iter()
-            .filter(|w| !w.state.vm_is_off())
-            .flat_map(|w| w.dedicated_cpus)
-            .collect();
+            .list_workspaces(&WorkspaceFilter::default(), None)?;
+        Ok(self.shared_cpus_of(&all))
+    }
+
+    /// [`Manager::shared_cpus`] given every workspace.
+    fn shared_cpus_of(&self, workspaces: &[Workspace]) -> Vec<u32> {
+        let held = held_cpus(workspaces, None);
         if held.is_empty() {
-            return Ok(Vec::new());
+            return Vec::new();
         }
-        Ok((0..self.host.0).filter(|c| !held.contains(c)).collect())
+        (0..self.host.0).filter(|c| !held.contains(c)).collect()
     }
 
     /// Asks the pinning task to bring the running VMs in line with the dedicated CPUs.
@@ -119,13 +118,7 @@ impl Manager {
                 return;
             }
         };
-        let mut cpus = match self.shared_cpus() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot compute the shared CPUs");
-                return;
-            }
-        };
+        let mut cpus = self.shared_cpus_of(&workspaces);
         if cpus.is_empty() {
             cpus = (0..self.host.0).collect();
         }
@@ -529,6 +522,15 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// Host CPUs dedicated to the workspaces whose VM is on, `except` one.
+fn held_cpus(workspaces: &[Workspace], except: Option<&WorkspaceId>) -> Vec<u32> {
+    workspaces
+        .iter()
+        .filter(|w| Some(&w.id) != except && !w.state.vm_is_off())
+        .flat_map(|w| w.dedicated_cpus.iter().copied())
+        .collect()
 }
 
 enum Readiness {
