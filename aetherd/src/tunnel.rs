@@ -212,6 +212,12 @@ mod tests {
         (connect(addr).await.unwrap(), server)
     }
 
+    /// A guest that reads until the tunnel closes the connection.
+    async fn drain(mut s: TcpStream) {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    }
+
     /// Everything the receiver yields until it ends; panics on an error item.
     async fn collect(rx: &mut mpsc::Receiver<io::Result<Vec<u8>>>) -> Vec<u8> {
         let mut all = Vec::new();
@@ -279,8 +285,7 @@ mod tests {
             s.write_all(b"bye").await.unwrap();
             s.shutdown().await.unwrap();
             // Keep the read side open until the tunnel drops the connection.
-            let mut rest = Vec::new();
-            let _ = s.read_to_end(&mut rest).await;
+            drain(s).await;
         })
         .await;
         let connections = Connections::default();
@@ -312,11 +317,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_client_stream_ends_the_tunnel_with_its_error() {
-        let (socket, guest) = loopback(|mut s| async move {
-            let mut rest = Vec::new();
-            let _ = s.read_to_end(&mut rest).await;
-        })
-        .await;
+        let (socket, guest) = loopback(drain).await;
         let connections = Connections::default();
         let from_client =
             tokio_stream::iter([Ok(b"x".to_vec()), Err(io::Error::other("client went away"))]);
@@ -330,12 +331,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_stops_listening_closes_the_tunnel() {
-        let (socket, guest) = loopback(|mut s| async move {
-            // The tunnel closes the connection once nobody listens.
-            let mut rest = Vec::new();
-            let _ = s.read_to_end(&mut rest).await;
-        })
-        .await;
+        // The tunnel closes the connection once nobody listens.
+        let (socket, guest) = loopback(drain).await;
         let connections = Connections::default();
         let (_client_tx, client_rx) = mpsc::channel(4);
         let rx = spawn(
