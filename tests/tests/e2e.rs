@@ -16,6 +16,13 @@ fn create(env: &TestEnv, args: &[&str]) -> String {
     env.ok(&all).trim().to_owned()
 }
 
+/// A small workspace of project e2e (1 CPU, 256 MiB, 2 GiB), with `extra` options.
+fn create_small(env: &TestEnv, extra: &[&str]) -> String {
+    let mut args = vec!["--cpus", "1", "--memory", "256", "--volume-size", "2"];
+    args.extend_from_slice(extra);
+    create(env, &args)
+}
+
 fn ssh(env: &TestEnv, ws: &str, cmd: &str) -> String {
     env.ok(&["workspace", "ssh", ws, "--", cmd])
 }
@@ -350,32 +357,8 @@ fn uefi_disk_boot_with_ovmf() {
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn idle_timeout_stops_an_unused_workspace_and_spares_one_with_an_open_ssh_session() {
     let env = testguest_env("");
-    let unused = create(
-        &env,
-        &[
-            "--cpus",
-            "1",
-            "--memory",
-            "256",
-            "--volume-size",
-            "2",
-            "--idle-timeout",
-            "20s",
-        ],
-    );
-    let busy = create(
-        &env,
-        &[
-            "--cpus",
-            "1",
-            "--memory",
-            "256",
-            "--volume-size",
-            "2",
-            "--idle-timeout",
-            "20s",
-        ],
-    );
+    let unused = create_small(&env, &["--idle-timeout", "20s"]);
+    let busy = create_small(&env, &["--idle-timeout", "20s"]);
     env.ok(&["workspace", "start", &unused]);
     env.ok(&["workspace", "start", &busy]);
     // An interactive-like session on `busy` that lasts 35 s.
@@ -427,19 +410,7 @@ fn idle_timeout_stops_an_unused_workspace_and_spares_one_with_an_open_ssh_sessio
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn the_idle_clock_survives_a_daemon_restart_and_running_tasks_are_lost() {
     let mut env = testguest_env("");
-    let ws = create(
-        &env,
-        &[
-            "--cpus",
-            "1",
-            "--memory",
-            "256",
-            "--volume-size",
-            "2",
-            "--idle-timeout",
-            "1h",
-        ],
-    );
+    let ws = create_small(&env, &["--idle-timeout", "1h"]);
     env.ok(&["workspace", "start", &ws]);
     let before = env.json(&["workspace", "get", &ws]);
     let since = before["idle_since"].as_i64().unwrap();
@@ -482,10 +453,7 @@ fn the_idle_clock_survives_a_daemon_restart_and_running_tasks_are_lost() {
 fn watch_shows_the_phases_of_a_real_start_and_stop() {
     use std::io::{BufRead, BufReader};
     let env = testguest_env("");
-    let ws = create(
-        &env,
-        &["--cpus", "1", "--memory", "256", "--volume-size", "2"],
-    );
+    let ws = create_small(&env, &[]);
     let mut child = env
         .cli()
         .args(["-o", "json", "workspace", "watch", &ws])
@@ -541,10 +509,7 @@ fn watch_shows_the_phases_of_a_real_start_and_stop() {
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn exec_streams_output_and_returns_the_exit_code() {
     let env = testguest_env("");
-    let ws = create(
-        &env,
-        &["--cpus", "1", "--memory", "256", "--volume-size", "2"],
-    );
+    let ws = create_small(&env, &[]);
     env.ok(&["workspace", "start", &ws]);
     let r = env.run(&[
         "workspace",
@@ -602,19 +567,7 @@ fn exec_streams_output_and_returns_the_exit_code() {
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn detached_tasks_follow_cancel_keep_a_workspace_busy_and_are_lost_on_stop() {
     let env = testguest_env("");
-    let ws = create(
-        &env,
-        &[
-            "--cpus",
-            "1",
-            "--memory",
-            "256",
-            "--volume-size",
-            "2",
-            "--idle-timeout",
-            "10s",
-        ],
-    );
+    let ws = create_small(&env, &["--idle-timeout", "10s"]);
     env.ok(&["workspace", "start", &ws]);
 
     // A detached task keeps the workspace from idling past its 10 s timeout.
@@ -755,10 +708,7 @@ fn a_performance_workspace_runs_on_its_dedicated_cpu() {
     let env = testguest_env("");
     // A shared workspace that is already running floats over both CPUs until one of them is
     // dedicated, and again once it is released.
-    let shared = create(
-        &env,
-        &["--cpus", "1", "--memory", "256", "--volume-size", "2"],
-    );
+    let shared = create_small(&env, &[]);
     env.ok(&["workspace", "start", &shared]);
     let shared_domain = format!("aether-{shared}");
     let affinity = |what: &str| {
@@ -784,19 +734,7 @@ fn a_performance_workspace_runs_on_its_dedicated_cpu() {
     wait_for_affinity("0-1");
 
     // This host has 2 CPUs; CPU 0 stays for the host, so CPU 1 is the one to dedicate.
-    let ws = create(
-        &env,
-        &[
-            "--cpu-kind",
-            "performance",
-            "--cpus",
-            "1",
-            "--memory",
-            "256",
-            "--volume-size",
-            "2",
-        ],
-    );
+    let ws = create_small(&env, &["--cpu-kind", "performance"]);
     env.ok(&["workspace", "start", &ws]);
     assert_eq!(
         env.json(&["workspace", "get", &ws])["dedicated_cpus"],
@@ -815,19 +753,7 @@ fn a_performance_workspace_runs_on_its_dedicated_cpu() {
     );
     assert_eq!(ssh(&env, &ws, "cat /etc/hostname").trim(), ws);
     wait_for_affinity("0");
-    let other = create(
-        &env,
-        &[
-            "--cpu-kind",
-            "performance",
-            "--cpus",
-            "1",
-            "--memory",
-            "256",
-            "--volume-size",
-            "2",
-        ],
-    );
+    let other = create_small(&env, &["--cpu-kind", "performance"]);
     let err = env.fail(&["workspace", "start", &other]);
     assert!(
         err.contains("needs 1 dedicated CPUs")
@@ -844,10 +770,7 @@ fn a_performance_workspace_runs_on_its_dedicated_cpu() {
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn kill_9_during_a_start_and_a_stop_recovers() {
     let mut env = testguest_env("");
-    let ws = create(
-        &env,
-        &["--cpus", "1", "--memory", "256", "--volume-size", "2"],
-    );
+    let ws = create_small(&env, &[]);
     // Killed while the guest boots (its VM is on, the daemon waits for SSH or cloud-init):
     // the new daemon finds the VM running and waits for it again.
     env.ok(&["workspace", "start", "--no-wait", &ws]);
