@@ -78,6 +78,12 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE workspaces ADD COLUMN dedicated_cpus TEXT;",
     // 6: the GPU (libvirt node device name) held by a workspace while its VM is on.
     "ALTER TABLE workspaces ADD COLUMN gpu_device TEXT;",
+    // 7: when each address was last given up by a deleted workspace, so the allocator takes
+    // the one released longest ago (dnsmasq may still hold a lease on a fresh one).
+    "CREATE TABLE released_addresses (
+        ip          TEXT PRIMARY KEY,
+        released_at INTEGER NOT NULL
+    );",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,7 +135,9 @@ pub struct NewWorkspace<'a> {
     pub login_user: &'a str,
     pub ssh_host_public_key: &'a str,
     pub mac: Option<&'a str>,
-    pub ip: Option<std::net::Ipv4Addr>,
+    /// The network to reserve an address in, chosen in the insert's own transaction (so two
+    /// creates cannot pick the same one); `None`: no address.
+    pub subnet: Option<crate::network::Subnet>,
     pub idle_timeout_secs: Option<u64>,
 }
 
@@ -319,10 +327,11 @@ impl Store {
         Ok(())
     }
 
-    /// Inserts a new workspace in state `stopped`. `id` is the id to use; on a collision a
-    /// fresh one is generated (the id is random, a collision is rare but possible).
+    /// Inserts a new workspace in state `stopped`, reserving it an address in `new.subnet`
+    /// in the same transaction. `id` is the id to use; on a collision a fresh one is
+    /// generated (the id is random, a collision is rare but possible).
     pub fn insert_workspace(&self, new: &NewWorkspace<'_>) -> Result<Workspace> {
-        let conn = self.conn();
+        let mut conn = self.conn();
         let NewWorkspace {
             project,
             owner_uid,
@@ -332,8 +341,13 @@ impl Store {
         } = *new;
         let mut id = new.id.clone();
         for _ in 0..5 {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let ip = match new.subnet {
+                Some(subnet) => Some(subnet.allocate(&used_ips(&tx)?, &released_ips(&tx)?)?),
+                None => None,
+            };
             let created_at = now();
-            let res = conn.execute(
+            let res = tx.execute(
                 "INSERT INTO workspaces (id, project_id, owner_uid, uuid, state, hardware, created_at,
                      updated_at, image, login_user, ssh_host_public_key, mac, ip, idle_timeout_secs)
                  VALUES (?1, ?2, ?3, ?4, 'stopped', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
@@ -348,12 +362,13 @@ impl Store {
                     new.login_user,
                     new.ssh_host_public_key,
                     new.mac,
-                    new.ip.map(|ip| ip.to_string()),
+                    ip.map(|ip| ip.to_string()),
                     new.idle_timeout_secs.map(|v| v as i64)
                 ],
             );
             match res {
                 Ok(_) => {
+                    tx.commit()?;
                     return Ok(Workspace {
                         id,
                         project_id: project.id.clone(),
@@ -370,25 +385,28 @@ impl Store {
                         login_user: new.login_user.to_owned(),
                         ssh_host_public_key: new.ssh_host_public_key.to_owned(),
                         mac: new.mac.map(str::to_owned),
-                        ip: new.ip,
+                        ip,
                         idle_timeout_secs: new.idle_timeout_secs,
                         idle_since: None,
                         dedicated_cpus: Vec::new(),
                         gpu_device: None,
-                    })
+                    });
                 }
                 Err(rusqlite::Error::SqliteFailure(e, msg))
                     if e.code == rusqlite::ErrorCode::ConstraintViolation =>
                 {
-                    // Only an id collision is retried; a taken MAC/IP is the caller's to handle.
-                    if msg.as_deref().is_some_and(|m| m.contains("workspaces.id")) {
+                    drop(tx);
+                    let msg = msg.unwrap_or_default();
+                    // A random id or MAC collided: retry with a fresh id. (The address was
+                    // chosen in this transaction, so it cannot collide; the MAC is random and
+                    // the caller's, so it is a refusal the caller can retry.)
+                    if msg.contains("workspaces.id") {
                         id = WorkspaceId::generate();
                         continue;
                     }
-                    return Err(Error::Conflict {
-                        id: id.to_string(),
-                        now: State::Stopped,
-                    });
+                    return Err(Error::Internal(format!(
+                        "cannot insert workspace {id}: {msg}"
+                    )));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -534,19 +552,32 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes the row of a workspace whose generation is still `ws.generation`.
+    /// Deletes the row of a workspace whose generation is still `ws.generation`, and records
+    /// that its address was given up now.
     pub fn delete_workspace(&self, ws: &Workspace) -> Result<()> {
-        let changed = self.conn().execute(
-            "DELETE FROM workspaces WHERE id = ?1 AND generation = ?2",
-            params![ws.id.as_str(), ws.generation as i64],
-        )?;
-        if changed == 0 {
-            let now = self.get_workspace(&ws.id, None)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let deleted: Option<Option<String>> = tx
+            .query_row(
+                "DELETE FROM workspaces WHERE id = ?1 AND generation = ?2 RETURNING ip",
+                params![ws.id.as_str(), ws.generation as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(ip) = deleted else {
+            let now = read_workspace(&tx, &ws.id, None)?;
             return Err(Error::Conflict {
                 id: ws.id.to_string(),
                 now: now.state,
             });
+        };
+        if let Some(ip) = ip {
+            tx.execute(
+                "INSERT OR REPLACE INTO released_addresses (ip, released_at) VALUES (?1, ?2)",
+                params![ip, now()],
+            )?;
         }
+        tx.commit()?;
         Ok(())
     }
 }
@@ -646,18 +677,29 @@ impl Store {
         tx.commit()?;
         Ok(())
     }
+}
 
-    /// Every reserved IP address.
-    pub fn used_ips(&self) -> Result<std::collections::HashSet<std::net::Ipv4Addr>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT ip FROM workspaces WHERE ip IS NOT NULL")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        let mut set = std::collections::HashSet::new();
-        for ip in rows {
-            set.insert(ip?.parse().map_err(|e| corrupt("ip", e))?);
-        }
-        Ok(set)
+/// Every reserved IP address.
+fn used_ips(conn: &Connection) -> Result<std::collections::HashSet<std::net::Ipv4Addr>> {
+    let mut stmt = conn.prepare("SELECT ip FROM workspaces WHERE ip IS NOT NULL")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let mut set = std::collections::HashSet::new();
+    for ip in rows {
+        set.insert(ip?.parse().map_err(|e| corrupt("ip", e))?);
     }
+    Ok(set)
+}
+
+/// When each address was last given up.
+fn released_ips(conn: &Connection) -> Result<std::collections::HashMap<std::net::Ipv4Addr, i64>> {
+    let mut stmt = conn.prepare("SELECT ip, released_at FROM released_addresses")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut map = std::collections::HashMap::new();
+    for row in rows {
+        let (ip, at) = row?;
+        map.insert(ip.parse().map_err(|e| corrupt("ip", e))?, at);
+    }
+    Ok(map)
 }
 
 /// A task as stored.
@@ -791,7 +833,7 @@ mod tests {
             login_user: "dev",
             ssh_host_public_key: "",
             mac: None,
-            ip: None,
+            subnet: None,
             idle_timeout_secs: None,
         })
         .unwrap()

@@ -373,7 +373,8 @@ impl TestEnv {
             .to_owned()
     }
 
-    /// Waits (bounded) until the workspace is in `state`.
+    /// Waits (bounded) until the workspace is in `state`; fails at once if it ends in `error`
+    /// instead.
     pub fn wait_for_state(&self, id: &str, state: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
@@ -381,6 +382,12 @@ impl TestEnv {
             if now == state {
                 return;
             }
+            assert!(
+                now != "error",
+                "{id} ended in error while waiting for {state}: {}\n{}",
+                self.json(&["workspace", "get", id])["reason"],
+                self.daemon_log()
+            );
             assert!(
                 Instant::now() < deadline,
                 "{id} is {now}, not {state}, after {timeout:?}\n{}",

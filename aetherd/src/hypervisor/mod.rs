@@ -8,6 +8,7 @@
 pub mod accel;
 pub mod events;
 pub mod gpu;
+pub mod leases;
 pub mod xml;
 
 use std::time::Duration;
@@ -333,6 +334,19 @@ impl Hypervisor {
                 }
                 Err(e) => return Err(e.into()),
             };
+            // A network made by an older aetherd has a dynamic range, which caps the leases
+            // dnsmasq hands out (see `network`'s module doc). Removing it live restarts
+            // dnsmasq, which keeps the leases of running guests.
+            for range in network::dhcp_ranges_of_network_xml(&net.xml_desc(0)?) {
+                tracing::info!(network = network::NETWORK_NAME, %range, "removing the dynamic DHCP range: guests get their reservations only");
+                net.update(
+                    sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                    sys::VIR_NETWORK_SECTION_IP_DHCP_RANGE,
+                    -1,
+                    &range,
+                    update_flags(&net)?,
+                )?;
+            }
             if !net.is_active()? {
                 net.create()?;
             }
@@ -386,6 +400,35 @@ impl Hypervisor {
                 update_flags(&net)?,
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    /// The `aether` network's IPv4 leases. libvirt's test driver keeps none (and has no
+    /// dnsmasq): there, none.
+    pub async fn dhcp_leases(&self) -> Result<Vec<leases::Lease>> {
+        if self.domain_type == DomainType::Test {
+            return Ok(Vec::new());
+        }
+        self.call("virNetworkGetDHCPLeases", |c| {
+            leases::of_network(&c.lookup_network_by_name(network::NETWORK_NAME)?)
+        })
+        .await
+    }
+
+    /// Tells the `aether` network's dnsmasq that `mac` gives up its lease of `ip` (see
+    /// [`network::release_lease`]); nothing with the test driver. The bridge must be in this
+    /// network namespace, as it is wherever aetherd can reach its guests.
+    pub async fn release_lease(&self, server: Ipv4Addr, ip: Ipv4Addr, mac: &str) -> Result<()> {
+        if self.domain_type == DomainType::Test {
+            return Ok(());
+        }
+        let mac = mac.to_owned();
+        self.call("virNetworkGetBridgeName", move |c| {
+            let bridge = c
+                .lookup_network_by_name(network::NETWORK_NAME)?
+                .bridge_name()?;
+            network::release_lease(&bridge, server, ip, &mac)
         })
         .await
     }

@@ -343,7 +343,6 @@ impl Manager {
         let id = WorkspaceId::generate();
         let host_key = cloudinit::generate_ed25519(&self.layout.tmp(), id.as_str())?;
         let mac = network::random_mac();
-        let ip = self.subnet.allocate(&self.store.used_ips()?)?;
         let uuid = new_uuid();
         let ws = self.store.insert_workspace(&NewWorkspace {
             id,
@@ -355,7 +354,7 @@ impl Manager {
             login_user: &req.login_user,
             ssh_host_public_key: &host_key.public,
             mac: Some(&mac),
-            ip: Some(ip),
+            subnet: Some(self.subnet),
             idle_timeout_secs,
         })?;
         let lock = self.lock_of(&ws.id);
@@ -370,7 +369,7 @@ impl Manager {
             }
             return Err(e);
         }
-        tracing::info!(workspace = %ws.id, project = %project.id, image = %image.name, %ip, hardware = %hardware, "workspace created");
+        tracing::info!(workspace = %ws.id, project = %project.id, image = %image.name, ip = ?ws.ip, hardware = %hardware, "workspace created");
         self.publish(live::ChangeKind::Changed, &ws);
         Ok(ws)
     }
@@ -407,6 +406,13 @@ impl Manager {
     async fn deprovision(&self, ws: &Workspace) -> Result<()> {
         self.hv.undefine(&ws.id).await?;
         if let (Some(mac), Some(ip)) = (&ws.mac, ws.ip) {
+            // dnsmasq would keep the lease for its lifetime and refuse the address to the
+            // next workspace given it. Released first: without reservations left, libvirt
+            // restarts dnsmasq with DHCP off, and it would read the lease back later. Not
+            // fatal: a start releases stale leases of its address too.
+            if let Err(e) = self.hv.release_lease(self.subnet.gateway(), ip, mac).await {
+                tracing::warn!(workspace = %ws.id, %ip, error = %e, "cannot release the DHCP lease");
+            }
             self.hv.remove_dhcp_host(mac, ip, ws.id.as_str()).await?;
         }
         self.hv.delete_volume(&root_volume_name(&ws.id)).await?;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use crate::hypervisor::leases::LeaseCheck;
 
 impl Manager {
     /// Moves the workspace to `starting` and boots it in the background. Refused (and
@@ -227,6 +228,7 @@ impl Manager {
         let booted = async {
             self.set_phase(&ws.id, "booting");
             self.hv.define(&self.spec(&ws)?).await?;
+            self.release_stale_leases(&ws).await;
             self.hv.start(&ws.id).await?;
             // The CPUs dedicated elsewhere may have changed since its XML was written.
             self.cpus_changed();
@@ -251,6 +253,48 @@ impl Manager {
             }
         };
         log_background(&ws.id, "start", result);
+    }
+
+    /// Releases leases that would keep the guest from its reserved address: another MAC's
+    /// lease on it (a deleted workspace whose release was lost, say to a crash), and a lease
+    /// of this MAC on any other address. Failures are logged; readiness tells the user if the
+    /// guest then gets the wrong address.
+    async fn release_stale_leases(&self, ws: &Workspace) {
+        let (Some(mac), Some(ip)) = (&ws.mac, ws.ip) else {
+            return;
+        };
+        let leases = match self.hv.dhcp_leases().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(workspace = %ws.id, error = %e, "cannot read the DHCP leases");
+                return;
+            }
+        };
+        for stale in leases.iter().filter(|l| (l.ip == ip) != (l.mac == *mac)) {
+            tracing::info!(workspace = %ws.id, ip = %stale.ip, mac = %stale.mac, "releasing a stale DHCP lease");
+            if let Err(e) = self
+                .hv
+                .release_lease(self.subnet.gateway(), stale.ip, &stale.mac)
+                .await
+            {
+                tracing::warn!(workspace = %ws.id, error = %e, "cannot release a stale DHCP lease");
+            }
+        }
+    }
+
+    /// What the network's leases say about `ws`'s guest; `Reserved` when they cannot be read
+    /// (then readiness just waits for SSH, as without this check).
+    async fn lease_check(&self, ws: &Workspace, ip: std::net::Ipv4Addr) -> LeaseCheck {
+        let Some(mac) = &ws.mac else {
+            return LeaseCheck::Reserved;
+        };
+        match self.hv.dhcp_leases().await {
+            Ok(leases) => crate::hypervisor::leases::check(&leases, mac, ip),
+            Err(e) => {
+                tracing::debug!(workspace = %ws.id, error = %e, "cannot read the DHCP leases");
+                LeaseCheck::Reserved
+            }
+        }
     }
 
     fn boot_timeout(&self) -> Duration {
@@ -290,6 +334,14 @@ impl Manager {
             if self.hv.status(&ws.id).await? != DomainStatus::Active {
                 return Err(Error::Internal("the VM stopped while booting".into()));
             }
+            let lease = self.lease_check(ws, ip).await;
+            if let LeaseCheck::Elsewhere(other) = lease {
+                // Free both addresses now, so the next start gets the reserved one.
+                self.release_stale_leases(ws).await;
+                return Err(Error::Internal(format!(
+                    "the guest got {other} from DHCP instead of its reserved address {ip}, so aetherd cannot reach it; the stale leases were released: start it again"
+                )));
+            }
             if ssh_banner(std::net::SocketAddr::from((ip, 22))).await {
                 if !waiting_for_cloud_init {
                     waiting_for_cloud_init = true;
@@ -303,6 +355,11 @@ impl Manager {
                 return Err(Error::Internal(if waiting_for_cloud_init {
                     format!(
                         "the guest answered SSH on {ip}:22 but aetherd could not log in, or cloud-init did not finish, within {} s",
+                        timeout.as_secs()
+                    )
+                } else if lease == LeaseCheck::Missing {
+                    format!(
+                        "the guest did not ask for its address {ip} by DHCP (no lease) within {} s",
                         timeout.as_secs()
                     )
                 } else {
