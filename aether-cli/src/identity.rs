@@ -59,6 +59,16 @@ pub fn find_or_create(config_dir: &Path) -> anyhow::Result<Identity> {
     if !private_key.exists() {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
+        // Several first runs at once (a script creating workspaces in parallel) must not
+        // race ssh-keygen on one file: the first creates the key, the others wait and read it.
+        let lock_path = dir.join(".keygen.lock");
+        let lock = std::fs::File::create(&lock_path)
+            .with_context(|| format!("cannot create {}", lock_path.display()))?;
+        lock.lock()
+            .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+        if private_key.exists() && public.exists() {
+            return read(private_key, &public);
+        }
         let status = Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "aether", "-f"])
             .arg(&private_key)
