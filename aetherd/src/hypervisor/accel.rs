@@ -42,9 +42,32 @@ pub fn running_nested() -> bool {
 
 /// Boots the probe with `accel` ("kvm" or "tcg"); true if it exited with the probe status
 /// within `limit`.
+///
+/// The boot sector goes into a new private directory under `scratch` (mode 0700, a fresh
+/// random name made with `mkdir`, which never follows an existing path), created as a new
+/// file there: `scratch` may be a shared directory such as /tmp, where a fixed name could be
+/// a symlink another user planted to make root overwrite a file. The directory and the file
+/// are removed afterwards.
 pub fn probe(qemu: &Path, accel: &str, scratch: &Path, limit: Duration) -> Result<bool, String> {
-    let disk = scratch.join(format!("accel-probe-{accel}.img"));
-    std::fs::write(&disk, probe_boot_sector())
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let dir = tempfile::Builder::new()
+        .prefix("aetherd-accel-probe-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(scratch)
+        .map_err(|e| {
+            format!(
+                "cannot create a probe directory in {}: {e}",
+                scratch.display()
+            )
+        })?;
+    let disk = dir.path().join("probe.img");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&disk)
+        .and_then(|mut f| f.write_all(&probe_boot_sector()))
         .map_err(|e| format!("cannot write {}: {e}", disk.display()))?;
     let mut drive = std::ffi::OsString::from("format=raw,if=ide,file=");
     drive.push(&disk);
@@ -84,7 +107,7 @@ pub fn probe(qemu: &Path, accel: &str, scratch: &Path, limit: Duration) -> Resul
             Err(e) => break Err(format!("waiting for the accelerator probe failed: {e}")),
         }
     };
-    let _ = std::fs::remove_file(&disk);
+    drop(dir);
     result
 }
 
@@ -116,6 +139,72 @@ mod tests {
         assert_eq!(mbr.len(), 512);
         assert_eq!(&mbr[..4], &[0xb0, 0x31, 0xe6, 0xf4]);
         assert_eq!(&mbr[510..], &[0x55, 0xaa]);
+    }
+
+    /// A symlink planted at the name the probe once used (`accel-probe-ACCEL.img` in the
+    /// scratch dir, /tmp for the daemon) must not make the probe write through it.
+    #[test]
+    fn probe_never_writes_through_a_planted_symlink() {
+        let scratch = tempfile::tempdir().unwrap();
+        let victim = scratch.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        for accel in ["kvm", "tcg"] {
+            let planted = scratch.path().join(format!("accel-probe-{accel}.img"));
+            std::os::unix::fs::symlink(&victim, &planted).unwrap();
+            // No qemu there: the probe fails after preparing its disk.
+            let r = probe(
+                Path::new("/nonexistent/qemu-system-x86_64"),
+                accel,
+                scratch.path(),
+                Duration::from_secs(1),
+            );
+            assert!(r.is_err(), "{r:?}");
+            assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+            assert!(std::fs::symlink_metadata(&planted).unwrap().is_symlink());
+        }
+        // Nothing of the probe's is left behind.
+        let mut names: Vec<String> = std::fs::read_dir(scratch.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["accel-probe-kvm.img", "accel-probe-tcg.img", "victim"]
+        );
+    }
+
+    /// The disk qemu gets is the boot sector, alone in a directory only root can enter.
+    #[test]
+    fn probe_disk_is_in_a_private_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let scratch = tempfile::tempdir().unwrap();
+        let seen = scratch.path().join("seen");
+        // A stand-in for qemu: records what it was given and exits with the probe status.
+        let fake = scratch.path().join("fake-qemu");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\nfor a; do case $a in *file=*) f=${{a#*file=}};; esac; done\n\
+                 d=$(dirname \"$f\")\n\
+                 {{ stat -c %a \"$d\"; ls -A \"$d\"; cmp -s \"$f\" \"$0.mbr\" && echo same; }} >{}\n\
+                 exit {PROBE_EXIT}\n",
+                seen.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(scratch.path().join("fake-qemu.mbr"), probe_boot_sector()).unwrap();
+        assert_eq!(
+            probe(&fake, "kvm", scratch.path(), Duration::from_secs(10)),
+            Ok(true)
+        );
+        assert_eq!(
+            std::fs::read_to_string(&seen).unwrap(),
+            "700\nprobe.img\nsame\n"
+        );
+        let left = std::fs::read_dir(scratch.path()).unwrap().count();
+        assert_eq!(left, 3, "the probe directory is removed");
     }
 
     /// The probe under TCG must report success: this proves the probe itself works (what
