@@ -51,6 +51,9 @@ pub struct Config {
     pub memory_overcommit: f64,
     /// Host CPUs never dedicated to performance workspaces (they stay for the host).
     pub reserved_host_cpus: Vec<u32>,
+    /// GPUs offered to workspaces although the host uses them (its boot VGA device, or one
+    /// a host driver is bound to), by PCI address ("0000:01:00.0") or kind.
+    pub gpu_allow: Vec<String>,
 }
 
 impl Default for Config {
@@ -69,6 +72,7 @@ impl Default for Config {
             idle_timeout: "10m".to_owned(),
             memory_overcommit: 1.0,
             reserved_host_cpus: vec![0],
+            gpu_allow: Vec::new(),
         }
     }
 }
@@ -86,6 +90,8 @@ impl Config {
         let config: Config = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))?;
         config.validate()?;
+        // GPU discovery reads the allow-list from here (see hypervisor::gpu).
+        crate::hypervisor::gpu::set_allow(&config.gpu_allow);
         Ok(config)
     }
 
@@ -104,6 +110,12 @@ impl Config {
         );
         crate::model::parse_duration_secs(&self.idle_timeout)
             .map_err(|e| anyhow::anyhow!("idle_timeout: {e}"))?;
+        for entry in &self.gpu_allow {
+            anyhow::ensure!(
+                crate::hypervisor::gpu::valid_allow_entry(entry),
+                "gpu_allow: {entry:?} is neither a PCI address such as \"0000:01:00.0\" nor a GPU kind such as \"nvidia-tesla-t4\""
+            );
+        }
         Ok(())
     }
 
@@ -141,5 +153,18 @@ mod tests {
         assert!(err.contains("unknown field"), "{err}");
         std::fs::write(&p, "max_volume_size_gb = 0\n").unwrap();
         assert!(Config::load(&p, true).is_err());
+    }
+
+    #[test]
+    fn gpu_allow_takes_addresses_and_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        assert!(Config::load(&p, false).unwrap().gpu_allow.is_empty());
+        std::fs::write(&p, "gpu_allow = [\"0000:01:00.0\", \"nvidia-tesla-t4\"]\n").unwrap();
+        let c = Config::load(&p, true).unwrap();
+        assert_eq!(c.gpu_allow, ["0000:01:00.0", "nvidia-tesla-t4"]);
+        std::fs::write(&p, "gpu_allow = [\"0000:01:00.0, 0000:02:00.0\"]\n").unwrap();
+        let err = Config::load(&p, true).unwrap_err().to_string();
+        assert!(err.starts_with("gpu_allow: "), "{err}");
     }
 }

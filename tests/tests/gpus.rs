@@ -1,11 +1,22 @@
-//! GPUs from libvirt node devices: a test-driver host declaring fake PCI GPUs.
+//! GPUs from libvirt node devices: a test-driver host declaring fake PCI GPUs, each with its
+//! sysfs directory (libvirt's `<path>`) in a fake sysfs tree of the test's.
+
+use std::path::{Path, PathBuf};
 
 use aether_tests::{host_xml, TestEnv};
 
-fn gpu(bus: u32, vendor: (&str, &str), product: (&str, &str), group: u32) -> String {
+/// The sysfs directory of the fake GPU on `bus` in the fake tree at `sysfs` (made here).
+fn sysfs_dir(sysfs: &Path, bus: u32) -> PathBuf {
+    let dir = sysfs.join(format!("devices/pci0000:00/0000:{bus:02x}:00.0"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn gpu(sysfs: &Path, bus: u32, vendor: (&str, &str), product: (&str, &str), group: u32) -> String {
     format!(
         r#"  <device>
     <name>pci_0000_{bus:02x}_00_0</name>
+    <path>{}</path>
     <parent>computer</parent>
     <capability type='pci'>
       <class>0x030000</class>
@@ -16,30 +27,94 @@ fn gpu(bus: u32, vendor: (&str, &str), product: (&str, &str), group: u32) -> Str
     </capability>
   </device>
 "#,
-        product.0, product.1, vendor.0, vendor.1
+        sysfs_dir(sysfs, bus).display(),
+        product.0,
+        product.1,
+        vendor.0,
+        vendor.1
     )
 }
 
-fn gpu_host() -> String {
-    let nvidia = ("0x10de", "NVIDIA Corporation");
-    let t4 = ("0x1eb8", "TU104GL [Tesla T4]");
+const NVIDIA: (&str, &str) = ("0x10de", "NVIDIA Corporation");
+const T4: (&str, &str) = ("0x1eb8", "TU104GL [Tesla T4]");
+const AMD: (&str, &str) = ("0x1002", "Advanced Micro Devices, Inc. [AMD/ATI]");
+const RX6800: (&str, &str) = ("0x73bf", "Navi 21 [Radeon RX 6800]");
+
+fn gpu_host(sysfs: &Path) -> String {
     let devices = [
-        gpu(1, nvidia, t4, 11),
-        gpu(2, nvidia, t4, 12),
-        gpu(
-            3,
-            ("0x1002", "Advanced Micro Devices, Inc. [AMD/ATI]"),
-            ("0x73bf", "Navi 21 [Radeon RX 6800]"),
-            13,
-        ),
+        gpu(sysfs, 1, NVIDIA, T4, 11),
+        gpu(sysfs, 2, NVIDIA, T4, 12),
+        gpu(sysfs, 3, AMD, RX6800, 13),
     ]
     .concat();
     host_xml(8, 32768).replace("</node>", &format!("{devices}</node>"))
 }
 
+fn offered(env: &TestEnv) -> Vec<(String, String, String)> {
+    env.json(&["host", "info"])["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            let field = |k: &str| g[k].as_str().unwrap().to_owned();
+            (field("address"), field("kind"), field("driver"))
+        })
+        .collect()
+}
+
+/// The host's boot VGA device and a GPU a host driver is bound to are not offered, unless
+/// `gpu_allow` names them (by address or kind).
+#[test]
+fn gpus_the_host_uses_are_offered_only_when_allowed() {
+    let sysfs = tempfile::tempdir().unwrap();
+    let host = gpu_host(sysfs.path());
+    std::fs::write(sysfs_dir(sysfs.path(), 1).join("boot_vga"), "1\n").unwrap();
+    std::fs::write(sysfs_dir(sysfs.path(), 2).join("boot_vga"), "0\n").unwrap();
+    std::os::unix::fs::symlink(
+        "../../../bus/pci/drivers/amdgpu",
+        sysfs_dir(sysfs.path(), 3).join("driver"),
+    )
+    .unwrap();
+    let t4 = |bus: u32| {
+        (
+            format!("0000:{bus:02x}:00.0"),
+            "nvidia-tesla-t4".to_owned(),
+            String::new(),
+        )
+    };
+    let rx6800 = (
+        "0000:03:00.0".to_owned(),
+        "amd-radeon-rx-6800".to_owned(),
+        "amdgpu".to_owned(),
+    );
+
+    let env = TestEnv::start_on_host(&host, "");
+    assert_eq!(offered(&env), [t4(2)]);
+    let log = env.daemon_log();
+    assert!(log.contains("boot VGA") && log.contains("amdgpu"), "{log}");
+    env.ok(&["project", "create", "g"]);
+    let err = env.fail(&[
+        "workspace",
+        "create",
+        "--project",
+        "g",
+        "--gpu-kind",
+        "amd-radeon-rx-6800",
+    ]);
+    assert!(err.contains("unknown gpu kind"), "{err}");
+    drop(env);
+
+    let env = TestEnv::start_on_host(
+        &host,
+        "gpu_allow = [\"0000:01:00.0\", \"amd-radeon-rx-6800\"]\n",
+    );
+    assert_eq!(offered(&env), [t4(1), t4(2), rx6800]);
+}
+
 #[test]
 fn gpus_are_discovered_named_and_held_exclusively() {
-    let env = TestEnv::start_on_host(&gpu_host(), "");
+    let sysfs = tempfile::tempdir().unwrap();
+    let env = TestEnv::start_on_host(&gpu_host(sysfs.path()), "");
     let host = env.json(&["host", "info"]);
     let kinds: Vec<&str> = host["gpus"]
         .as_array()
