@@ -80,7 +80,11 @@ else
   for _ in $(seq 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
   virsh -c qemu:///system version >/dev/null || die "libvirtd did not come up"
   if ! aether host info >/dev/null 2>&1; then
-    install -d /run/aether /var/lib/aether
+    install -d /run/aether
+    install -d -m 0750 /var/lib/aether
+    # The log names workspaces, addresses and users: root's alone, like the state dir.
+    [ -e /var/log/aetherd.log ] || install -m 0600 /dev/null /var/log/aetherd.log
+    chmod 0600 /var/log/aetherd.log
     setsid aetherd >>/var/log/aetherd.log 2>&1 < /dev/null &
     for _ in $(seq 50); do aether host info >/dev/null 2>&1 && break; sleep 0.2; done
   fi

@@ -24,6 +24,22 @@ ensure_packages() {
   fi
 }
 
+# ensure_test_users: local users the multi-user tests act as (tests/tests/users.rs): two
+# members of group aether and one outsider. System accounts without a home or a login shell;
+# created once, idempotently. Root only.
+TEST_USERS_MEMBERS=(aether-t-alice aether-t-bob)
+TEST_USER_OUTSIDER=aether-t-eve
+ensure_test_users() {
+  getent group aether >/dev/null || groupadd -r aether
+  local u
+  for u in "${TEST_USERS_MEMBERS[@]}"; do
+    id "$u" >/dev/null 2>&1 || useradd -r -M -d /nonexistent -s /usr/sbin/nologin -G aether "$u"
+    id -nG "$u" | tr ' ' '\n' | grep -qx aether || usermod -a -G aether "$u"
+  done
+  id "$TEST_USER_OUTSIDER" >/dev/null 2>&1 ||
+    useradd -r -M -d /nonexistent -s /usr/sbin/nologin "$TEST_USER_OUTSIDER"
+}
+
 # ensure_qemu_user: the user libvirtd's QEMU driver runs guests as (libvirt-daemon-system
 # creates it; without that package libvirtd 9.0 refuses to start the QEMU driver).
 ensure_qemu_user() {

@@ -32,6 +32,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "cargo build --workspace"
 cargo build --workspace --locked
 
+if [ "$(id -u)" -eq 0 ]; then
+  # The multi-user tests (authorization, quotas) act as these; without root they are skipped.
+  ensure_test_users
+  export AETHER_TEST_USERS=1
+fi
+
 log "cargo test --workspace"
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT

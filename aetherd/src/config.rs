@@ -54,6 +54,11 @@ pub struct Config {
     /// GPUs offered to workspaces although the host uses them (its boot VGA device, or one
     /// a host driver is bound to), by PCI address ("0000:01:00.0") or kind.
     pub gpu_allow: Vec<String>,
+    /// The group libvirt runs qemu with (`group` in libvirt's qemu.conf): the only group
+    /// that may traverse the state dir and read base images. Empty: none.
+    pub qemu_group: String,
+    /// Per-user caps (the `[quota]` table).
+    pub quota: crate::quota::Quotas,
 }
 
 impl Default for Config {
@@ -73,6 +78,8 @@ impl Default for Config {
             memory_overcommit: 1.0,
             reserved_host_cpus: vec![0],
             gpu_allow: Vec::new(),
+            qemu_group: "libvirt-qemu".to_owned(),
+            quota: crate::quota::Quotas::default(),
         }
     }
 }

@@ -187,7 +187,7 @@ pub fn install_disk(info: &QemuImgInfo, src: &Path, dest: &Path) -> Result<()> {
             )));
         }
     }
-    set_mode(dest, 0o644)
+    set_mode(dest, 0o640)
 }
 
 /// Where the daemon keeps files, all under the state dir.
@@ -230,21 +230,25 @@ impl Layout {
         self.state_dir.join("keys")
     }
 
-    /// Creates the directories. qemu (which may run as its own user) must reach the pool,
-    /// boot and console dirs, so they and the state dir are world-traversable; the database
-    /// and the daemon's keys are not readable by others.
-    pub fn create(&self) -> Result<()> {
-        for (dir, mode) in [
-            (self.state_dir.clone(), 0o755),
-            (self.pool(), 0o755),
-            (self.state_dir.join("boot"), 0o755),
-            (self.console_dir(), 0o755),
-            (self.tmp(), 0o700),
-            (self.keys(), 0o700),
+    /// Creates the directories (again: modes are set each time, fixing older ones). qemu,
+    /// running as its own user, must traverse the state, pool, boot and console dirs: they
+    /// are `0750` with group `qemu` (see [`crate::privacy`]); the rest is root's alone.
+    pub fn create(&self, qemu: Option<u32>) -> Result<()> {
+        for (dir, for_qemu) in [
+            (self.state_dir.clone(), true),
+            (self.pool(), true),
+            (self.state_dir.join("boot"), true),
+            (self.console_dir(), true),
+            (self.tmp(), false),
+            (self.keys(), false),
         ] {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
-            set_mode(&dir, mode)?;
+            if for_qemu {
+                crate::privacy::share_with_qemu(&dir, qemu, 0o750)?;
+            } else {
+                set_mode(&dir, 0o700)?;
+            }
         }
         Ok(())
     }

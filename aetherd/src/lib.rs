@@ -14,6 +14,8 @@ pub mod images;
 pub mod model;
 pub mod network;
 pub mod notify;
+pub mod privacy;
+pub mod quota;
 pub mod server;
 pub mod store;
 pub mod tunnel;

@@ -24,6 +24,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Before any thread or file exists: nothing the daemon writes is readable by others.
+    aetherd::privacy::private_umask();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AETHERD_LOG")

@@ -20,12 +20,14 @@ use crate::workspace::ops::Manager;
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Claim the socket before touching anything, so a second daemon does no harm.
+    let listener = bind_socket(&config.socket)?;
+    // (0700 under the daemon's umask; `Manager::new` gives it its final mode.)
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state dir {}", config.state_dir.display()))?;
     let db = config.state_dir.join("aetherd.db");
-    // Claim the socket before touching anything, so a second daemon does no harm.
-    let listener = bind_socket(&config.socket)?;
     let store = Store::open(&db).with_context(|| format!("cannot open {}", db.display()))?;
+    crate::privacy::restrict_database(&db)?;
     let hv = Hypervisor::connect(
         &config.libvirt_uri,
         Duration::from_secs(config.libvirt_timeout_secs),

@@ -455,6 +455,99 @@ impl TestEnv {
     }
 }
 
+/// The local users the multi-user tests act as (made by `scripts/lib.sh`'s
+/// `ensure_test_users`): two members of group `aether` and one outsider.
+pub const ALICE: &str = "aether-t-alice";
+pub const BOB: &str = "aether-t-bob";
+pub const EVE: &str = "aether-t-eve";
+
+/// Whether the test users exist. Without them (a plain `cargo test` as a normal user) the
+/// multi-user tests skip, saying so; under `scripts/test.sh` (`AETHER_TEST_USERS=1`) their
+/// absence is a failure.
+pub fn test_users() -> bool {
+    let exists = |u: &str| {
+        Command::new("id")
+            .arg(u)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let all = [ALICE, BOB, EVE].iter().all(|u| exists(u));
+    if !all {
+        assert!(
+            std::env::var_os("AETHER_TEST_USERS").is_none(),
+            "AETHER_TEST_USERS is set but the test users are missing (scripts/lib.sh ensure_test_users)"
+        );
+        eprintln!("skipped: the test users do not exist (run scripts/test.sh as root)");
+    }
+    all
+}
+
+impl TestEnv {
+    /// The `aether` CLI run as local user `user` (through `setpriv`, with that user's
+    /// groups), with a home of its own in the test dir. Makes the test dir traversable so
+    /// the user reaches the socket (which the daemon makes `0660 root:aether`).
+    pub fn run_as(&self, user: &str, args: &[&str]) -> Run {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let id = |flag: &str| -> u32 {
+            let out = Command::new("id").args([flag, user]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+        };
+        let home = self.dir.path().join(format!("home-{user}"));
+        if !home.exists() {
+            std::fs::create_dir(&home).unwrap();
+            std::os::unix::fs::chown(&home, Some(id("-u")), Some(id("-g"))).unwrap();
+        }
+        Command::new("setpriv")
+            .args(["--reuid", user, "--regid", user, "--init-groups", "--"])
+            .arg(bin_dir().join("aether"))
+            .args(args)
+            .env("AETHER_SOCKET", &self.socket)
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run setpriv (util-linux)")
+            .into()
+    }
+
+    /// [`TestEnv::run_as`], asserting success; returns stdout.
+    pub fn ok_as(&self, user: &str, args: &[&str]) -> String {
+        let r = self.run_as(user, args);
+        assert_eq!(
+            r.code,
+            0,
+            "{user}: aether {args:?} failed: {r:?}\n{}",
+            self.daemon_log()
+        );
+        r.stdout
+    }
+}
+
+/// Every path under `dir` (itself included) whose mode lets other users read, write or
+/// traverse it, with that mode.
+pub fn open_to_others(dir: &std::path::Path) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut loose = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(path) = todo.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue; // removed meanwhile
+        };
+        if meta.mode() & 0o007 != 0 {
+            loose.push((path.clone(), meta.mode() & 0o7777));
+        }
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                todo.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+            }
+        }
+    }
+    loose
+}
+
 /// Helpers shared by the end-to-end test files.
 pub mod e2e {
     use std::path::{Path, PathBuf};

@@ -101,7 +101,126 @@ fn twenty_workspaces_in_turn_then_twelve_at_once_each_get_their_reserved_address
         let ip = reserved_ip(&env, ws);
         assert_eq!(leases_of(&env, &mac_of(&env, ws)), vec![ip], "{ws}");
     }
+    // With real libvirt and qemu too (pool, volumes, console logs, seeds), nothing is open
+    // to other users, and the guests boot all the same.
+    let loose = aether_tests::open_to_others(&env.state_dir);
+    assert!(loose.is_empty(), "open to others: {loose:?}");
     for ws in &all {
+        env.ok(&["workspace", "delete", ws, "--force"]);
+    }
+}
+
+/// `ssh -F CONFIG -l root HOST CMD` through `aether ssh-config`'s ProxyCommand: root in the
+/// guest (the test guest authorizes the user's key for root too). Returns (success, output).
+fn as_root(env: &TestEnv, config: &std::path::Path, ws: &str, cmd: &str) -> (bool, String) {
+    let out = std::process::Command::new("ssh")
+        .arg("-F")
+        .arg(config)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-l",
+            "root",
+            ws,
+            cmd,
+        ])
+        .env("HOME", env.dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Whether anything connected to `listener` (non-blocking) by now.
+fn connected(listener: &std::net::TcpListener) -> bool {
+    match listener.accept() {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(e) => panic!("accept: {e}"),
+    }
+}
+
+/// Regression test: root in one member's guest could reach every port of another member's
+/// guest, take over its address (and with it the daemon's tunnels and tasks to it), and
+/// reach any service of the host.
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn a_guest_cannot_reach_another_guest_take_its_address_or_reach_host_services() {
+    let env = testguest_env("idle_timeout = \"0\"\n");
+    let a = create_small(&env);
+    let b = create_small(&env);
+    for ws in [&a, &b] {
+        env.ok(&["workspace", "start", ws]);
+    }
+    let ip_b = reserved_ip(&env, &b);
+    let config = env.dir.path().join("ssh-config");
+    std::fs::write(&config, env.ok(&["ssh-config"])).unwrap();
+    // A host service on the bridge address, on a port the daemon never connects from.
+    let gateway = "192.168.150.1";
+    let service = std::net::TcpListener::bind((gateway, 7070)).unwrap();
+    service.set_nonblocking(true).unwrap();
+
+    // What a guest may reach: the host's DNS (dnsmasq, tcp 53). This also shows that nc in
+    // the guest works, so the refusals below are the filter's.
+    let (ok, out) = as_root(
+        &env,
+        &config,
+        &a,
+        &format!("nc -w 5 {gateway} 53 </dev/null && echo reached"),
+    );
+    assert!(
+        ok && out.contains("reached"),
+        "DNS on the host is not reachable: {out}"
+    );
+
+    // Another guest's sshd.
+    let (_, out) = as_root(&env, &config, &a, &format!("echo | nc -w 5 {ip_b} 22"));
+    assert!(
+        !out.contains("SSH-"),
+        "guest {a} reached {b}'s sshd at {ip_b}: {out}"
+    );
+
+    // A host service.
+    as_root(
+        &env,
+        &config,
+        &a,
+        &format!("echo hello | nc -w 5 {gateway} 7070"),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !connected(&service),
+        "guest {a} reached a host service on {gateway}:7070"
+    );
+
+    // Taking B's address: add it and announce it (gratuitous ARP), as a hostile root would.
+    let (ok, out) = as_root(
+        &env,
+        &config,
+        &a,
+        &format!("ip addr add {ip_b}/32 dev eth0 && arping -U -c 3 -I eth0 -s {ip_b} {ip_b}; echo hello | nc -w 5 {gateway} 7070; true"),
+    );
+    assert!(ok, "{out}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !connected(&service),
+        "spoofed traffic from {a} reached the host"
+    );
+    // The daemon still reaches B at its address (with B's pinned host key), not A.
+    let hostname = env.run(&["workspace", "exec", &b, "--", "cat", "/etc/hostname"]);
+    assert_eq!(
+        (hostname.code, hostname.stdout.trim()),
+        (0, b.as_str()),
+        "the daemon's task for {b} did not reach {b}: {hostname:?}"
+    );
+    for ws in [&a, &b] {
         env.ok(&["workspace", "delete", ws, "--force"]);
     }
 }

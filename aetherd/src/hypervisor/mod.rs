@@ -9,6 +9,7 @@ pub mod accel;
 pub mod events;
 pub mod gpu;
 pub mod leases;
+pub mod nwfilter;
 pub mod xml;
 
 use std::time::Duration;
@@ -399,6 +400,31 @@ impl Hypervisor {
                 &xml,
                 update_flags(&net)?,
             )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// (Re)defines the isolation filters every workspace NIC uses (see [`nwfilter`]). The
+    /// test driver has no nwfilter driver: nothing there.
+    pub async fn ensure_filters(&self) -> Result<()> {
+        if self.domain_type == DomainType::Test {
+            return Ok(());
+        }
+        self.call("virNWFilterDefineXML", |c| {
+            for xml in nwfilter::FILTERS {
+                // Redefining an existing filter needs its UUID, or libvirt refuses.
+                let uuid = nwfilter::name_of(xml)
+                    .and_then(|name| c.lookup_nwfilter_by_name(name).ok())
+                    .and_then(|f| f.uuid_string().ok());
+                let xml = nwfilter::with_uuid(xml, uuid.as_deref());
+                c.define_nwfilter_xml(&xml).map_err(|e| {
+                    Error::Libvirt(format!(
+                        "cannot define the guest isolation filters (libvirt's nwfilter driver and ebtables are needed): {}",
+                        e.message()
+                    ))
+                })?;
+            }
             Ok(())
         })
         .await

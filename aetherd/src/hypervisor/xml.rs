@@ -75,6 +75,8 @@ pub struct DomainSpec {
     /// NIC on the `aether` network.
     pub mac: Option<String>,
     pub network: String,
+    /// The NIC's isolation filter (see `nwfilter`); `None`: no filter (the test driver).
+    pub filter: Option<super::nwfilter::GuestFilter>,
     /// File that receives the serial console.
     pub console_log: Option<PathBuf>,
     /// Performance workspaces: the host CPU of each vCPU (vCPU i on `dedicated_cpus[i]`).
@@ -167,7 +169,23 @@ fn write_devices(w: &mut W, spec: &DomainSpec) -> R {
             .write_inner_content(|w| {
                 empty_element(w, "mac", &[("address", mac)])?;
                 empty_element(w, "source", &[("network", &spec.network)])?;
-                empty_element(w, "model", &[("type", "virtio")])
+                empty_element(w, "model", &[("type", "virtio")])?;
+                if let Some(filter) = &spec.filter {
+                    w.create_element("filterref")
+                        .with_attribute(("filter", super::nwfilter::GUEST_FILTER))
+                        .write_inner_content(|w| {
+                            for (name, value) in filter.parameters() {
+                                empty_element(
+                                    w,
+                                    "parameter",
+                                    &[("name", name), ("value", value.as_str())],
+                                )?;
+                            }
+                            Ok(())
+                        })?;
+                }
+                // No frame from this port reaches another workspace's port.
+                empty_element(w, "port", &[("isolated", "yes")])
             })?;
     }
     if let Some(log) = &spec.console_log {
@@ -364,6 +382,7 @@ mod tests {
             root_disk: None,
             seed_disk: None,
             mac: None,
+            filter: None,
             network: "aether".into(),
             console_log: None,
             dedicated_cpus: Vec::new(),
@@ -382,6 +401,14 @@ mod tests {
             root_disk: Some("/var/lib/aether/pool/ws-abc123-root.qcow2".into()),
             seed_disk: Some("/var/lib/aether/pool/ws-abc123-seed.img".into()),
             mac: Some("52:54:00:aa:00:01".into()),
+            filter: Some(super::super::nwfilter::GuestFilter {
+                ip: "192.168.150.10".parse().unwrap(),
+                host_ips: vec![
+                    "192.0.2.2".parse().unwrap(),
+                    "192.168.150.1".parse().unwrap(),
+                ],
+                ephemeral: (32768, 60999),
+            }),
             console_log: Some("/var/lib/aether/console/ws-abc123.log".into()),
             ..spec()
         }

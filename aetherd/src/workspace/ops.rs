@@ -24,6 +24,7 @@ use crate::model::{
     Hardware, HardwareLimits, HardwareRequest, ProjectName, ProjectRef, WorkspaceId,
 };
 use crate::network::{self, Subnet};
+use crate::quota::Claim;
 use crate::store::{NewWorkspace, Owner, Project, Store, TaskRow, Workspace, WorkspaceFilter};
 use crate::tunnel::Connections;
 use crate::workspace::state::{self, Event, State};
@@ -100,6 +101,9 @@ pub struct Manager {
     admission: tokio::sync::Mutex<()>,
     /// Woken when CPUs are dedicated or released (see `repin_running`).
     repin: tokio::sync::Notify,
+    /// Held from a create's quota check to its insert, so parallel creates of one user
+    /// cannot all pass the check.
+    creating: Mutex<()>,
 }
 
 impl Manager {
@@ -108,7 +112,7 @@ impl Manager {
         let layout = Layout {
             state_dir: config.state_dir.clone(),
         };
-        layout.create()?;
+        layout.create(crate::privacy::qemu_gid(&config.qemu_group))?;
         hv.ensure_pool(&layout.pool()).await?;
         let preferred = config
             .network_cidr
@@ -116,6 +120,7 @@ impl Manager {
             .map(Subnet::parse)
             .transpose()?;
         let subnet = hv.ensure_network(preferred).await?;
+        hv.ensure_filters().await?;
         let daemon_key = daemon_key(&layout)?;
         let host = hv.host_resources().await?;
         let gpus = hv.gpus().await?;
@@ -143,6 +148,7 @@ impl Manager {
             gpus,
             admission: tokio::sync::Mutex::new(()),
             repin: tokio::sync::Notify::new(),
+            creating: Mutex::new(()),
             store,
             hv,
             config,
@@ -160,6 +166,21 @@ impl Manager {
     fn lock_of(&self, id: &WorkspaceId) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(id.clone()).or_default().clone()
+    }
+
+    /// Refuses `claim` when it would take `caller` past its quota, given what it `used`.
+    /// Root is not capped.
+    pub(super) fn quota(&self, caller: Caller, used: u64, claim: Claim) -> Result<()> {
+        if caller.admin {
+            return Ok(());
+        }
+        self.config.quota.check(caller.uid, used, claim)
+    }
+
+    /// Every workspace of `uid`.
+    pub(super) fn owned_by(&self, uid: u32) -> Result<Vec<Workspace>> {
+        self.store
+            .list_workspaces(&WorkspaceFilter::default(), Some(uid))
     }
 
     fn limits(&self) -> HardwareLimits {
@@ -210,6 +231,14 @@ impl Manager {
             root_disk: has_disks.then(|| self.layout.pool().join(root_volume_name(&ws.id))),
             seed_disk: has_disks.then(|| self.layout.pool().join(seed_file_name(&ws.id))),
             mac: ws.mac.clone(),
+            filter: match (ws.ip, self.hv.domain_type()) {
+                (_, DomainType::Test) | (None, _) => None,
+                (Some(ip), _) => Some(crate::hypervisor::nwfilter::GuestFilter {
+                    ip,
+                    host_ips: crate::hypervisor::nwfilter::host_addresses(self.subnet.gateway()),
+                    ephemeral: crate::hypervisor::nwfilter::ephemeral_ports(),
+                }),
+            },
             network: crate::network::NETWORK_NAME.to_owned(),
             console_log: Some(self.layout.console_log(&ws.id)),
             shared_cpus: self.shared_cpus()?,
@@ -344,6 +373,18 @@ impl Manager {
         let host_key = cloudinit::generate_ed25519(&self.layout.tmp(), id.as_str())?;
         let mac = network::random_mac();
         let uuid = new_uuid();
+        let creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = self.owned_by(caller.uid)?;
+        self.quota(caller, mine.len() as u64, Claim::Workspaces(1))?;
+        let volumes: u64 = mine
+            .iter()
+            .map(|w| u64::from(w.hardware.volume_size_gb))
+            .sum();
+        self.quota(
+            caller,
+            volumes,
+            Claim::VolumeGb(u64::from(hardware.volume_size_gb)),
+        )?;
         let ws = self.store.insert_workspace(&NewWorkspace {
             id,
             project: &project,
@@ -357,6 +398,7 @@ impl Manager {
             subnet: Some(self.subnet),
             idle_timeout_secs,
         })?;
+        drop(creating);
         let lock = self.lock_of(&ws.id);
         let _guard = lock.lock().await;
         if let Err(e) = self.provision(&ws, &image, &keys, &host_key).await {
@@ -394,7 +436,9 @@ impl Manager {
             host_key,
         };
         tokio::task::block_in_place(|| cloudinit::write_seed(&seed_path, &seed))?;
-        files::set_mode(&seed_path, 0o644)?;
+        // It holds the guest's private host key: root only; libvirt hands it to qemu by
+        // relabelling it while the VM runs.
+        files::set_mode(&seed_path, 0o600)?;
         self.hv.refresh_pool().await?;
         if let (Some(mac), Some(ip)) = (&ws.mac, ws.ip) {
             self.hv.add_dhcp_host(mac, ip, ws.id.as_str()).await?;
@@ -469,6 +513,12 @@ impl Manager {
         port: u16,
     ) -> Result<(WorkspaceId, std::net::SocketAddr)> {
         let (ws, ip) = self.running_with_address(caller, id)?;
+        let open: usize = self
+            .owned_by(ws.owner_uid)?
+            .iter()
+            .map(|w| self.connections.count(&w.id))
+            .sum();
+        self.quota(caller, open as u64, Claim::Tunnels(1))?;
         Ok((ws.id, std::net::SocketAddr::from((ip, port))))
     }
 
@@ -539,7 +589,21 @@ impl Manager {
             .map(crate::model::parse_duration_secs)
             .transpose()?;
         let base = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
-        base.with(req, &self.limits())?;
+        let wanted = base.with(req, &self.limits())?;
+        if wanted.volume_size_gb > ws.hardware.volume_size_gb {
+            let volumes: u64 = self
+                .owned_by(ws.owner_uid)?
+                .iter()
+                .map(|w| u64::from(w.hardware.volume_size_gb))
+                .sum();
+            self.quota(
+                caller,
+                volumes,
+                Claim::VolumeGb(u64::from(
+                    wanted.volume_size_gb - ws.hardware.volume_size_gb,
+                )),
+            )?;
+        }
         let ws = if req.is_empty() {
             ws
         } else {
@@ -663,7 +727,7 @@ fn daemon_key(layout: &Layout) -> Result<KeyPair> {
         files::set_mode(p, mode)
     };
     write(&private, &pair.private, 0o600)?;
-    write(&public, &format!("{}\n", pair.public), 0o644)?;
+    write(&public, &format!("{}\n", pair.public), 0o600)?;
     tracing::info!(key = %public.display(), "generated the daemon's SSH key");
     Ok(pair)
 }

@@ -16,6 +16,7 @@ impl Manager {
         let _admission = self.admission.lock().await;
         let ws = self.get_workspace(caller, id)?;
         state::transition(ws.state, Event::Start)?;
+        self.check_quota_to_run(caller, &ws)?;
         self.check_capacity(&ws)?;
         let dedicated = self.allocate_cpus(&ws)?;
         let gpu = self.allocate_gpu(&ws)?;
@@ -35,6 +36,27 @@ impl Manager {
         let starting = ws.clone();
         tokio::spawn(async move { this.run_start(starting).await });
         Ok(ws)
+    }
+
+    /// Whether the owner's quota lets `ws` run next to its other running workspaces.
+    fn check_quota_to_run(&self, caller: Caller, ws: &Workspace) -> Result<()> {
+        let hw = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
+        let running: Vec<Workspace> = self
+            .owned_by(ws.owner_uid)?
+            .into_iter()
+            .filter(|w| w.id != ws.id && !w.state.vm_is_off())
+            .collect();
+        let vcpus: u64 = running.iter().map(|w| u64::from(w.hardware.cpus)).sum();
+        self.quota(caller, vcpus, Claim::RunningVcpus(hw.cpus))?;
+        let memory: u64 = running
+            .iter()
+            .map(|w| u64::from(w.hardware.memory_mb))
+            .sum();
+        self.quota(
+            caller,
+            memory,
+            Claim::RunningMemoryMb(u64::from(hw.memory_mb)),
+        )
     }
 
     /// Whether the host can run `ws` with the hardware it will start with, next to the
