@@ -97,8 +97,6 @@ impl Config {
         let config: Config = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))?;
         config.validate()?;
-        // GPU discovery reads the allow-list from here (see hypervisor::gpu).
-        crate::hypervisor::gpu::set_allow(&config.gpu_allow);
         Ok(config)
     }
 

@@ -14,7 +14,6 @@
 //! `<sysfs>/bus/pci/devices/<address>`.
 
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
 
 use quick_xml::events::Event;
 
@@ -131,21 +130,13 @@ pub fn offer(gpu: &Gpu, sysfs: &Path, allow: &[String]) -> Result<(), String> {
     }
 }
 
-/// The daemon's `gpu_allow`, set once when its config is loaded.
-static ALLOW: RwLock<Vec<String>> = RwLock::new(Vec::new());
-
-/// Sets the allow-list [`parse`] applies (the config's `gpu_allow`).
-pub fn set_allow(allow: &[String]) {
-    *ALLOW.write().unwrap_or_else(|p| p.into_inner()) = allow.to_vec();
-}
-
 /// Discovery of one node device: the GPU [`parse_device`] finds in its XML if it is offered
-/// (the host does not use it, or `gpu_allow` names it), with the driver sysfs shows bound.
-pub fn parse(device: &str, xml: &str) -> Option<Gpu> {
+/// (the host does not use it, or `allow`, the config's `gpu_allow`, names it), with the
+/// driver sysfs shows bound.
+pub fn parse(device: &str, xml: &str, allow: &[String]) -> Option<Gpu> {
     let mut gpu = parse_device(device, xml)?;
     let sysfs = Path::new(SYSFS);
-    let allow = ALLOW.read().unwrap_or_else(|p| p.into_inner());
-    if let Err(why) = offer(&gpu, sysfs, &allow) {
+    if let Err(why) = offer(&gpu, sysfs, allow) {
         tracing::info!(address = %gpu.address(), kind = %gpu.kind, reason = %why, "GPU not offered to workspaces: the host uses it (list it in gpu_allow to offer it anyway)");
         return None;
     }

@@ -192,13 +192,14 @@ impl Hypervisor {
     }
 
     /// The host's GPUs (PCI display controllers among libvirt's node devices).
-    pub async fn gpus(&self) -> Result<Vec<gpu::Gpu>> {
-        self.call("virConnectListAllNodeDevices", |c| {
+    pub async fn gpus(&self, allow: &[String]) -> Result<Vec<gpu::Gpu>> {
+        let allow = allow.to_vec();
+        self.call("virConnectListAllNodeDevices", move |c| {
             // No capability filter: the test driver refuses every flag.
             let mut gpus = Vec::new();
             for dev in c.list_all_node_devices(0)? {
                 let (name, xml) = (dev.name()?, dev.xml_desc(0)?);
-                gpus.extend(gpu::parse(&name, &xml));
+                gpus.extend(gpu::parse(&name, &xml, &allow));
             }
             gpus.sort_by_key(|g| g.address());
             Ok(gpus)

@@ -123,7 +123,7 @@ impl Manager {
         hv.ensure_filters().await?;
         let daemon_key = daemon_key(&layout)?;
         let host = hv.host_resources().await?;
-        let gpus = hv.gpus().await?;
+        let gpus = hv.gpus(&config.gpu_allow).await?;
         for g in &gpus {
             tracing::info!(kind = %g.kind, address = %g.address(), name = %g.name, "GPU found");
         }
