@@ -1,6 +1,6 @@
 //! Tasks: commands run in a workspace on a user's or agent's behalf, over the daemon's own
 //! SSH connection (the system `ssh`, given an argument list, with the daemon's key and the
-//! workspace's pinned host key).
+//! workspace's pinned host key, and no ssh config, agent or forwarding).
 //!
 //! Output is appended to `<state>/tasks/<id>.log` as frames (`O`|`E`, u32 big-endian length,
 //! bytes) and broadcast to followers; writing a frame and broadcasting it happen under the
@@ -8,7 +8,9 @@
 //! every byte exactly once. A running task keeps its workspace from going idle. Tasks still
 //! running when their workspace leaves `running`, or when the daemon restarts, end `lost`.
 
+use std::ffi::OsString;
 use std::io::Write;
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 
@@ -141,6 +143,52 @@ pub fn read_frames(bytes: &[u8]) -> Vec<Frame> {
     frames
 }
 
+/// The arguments of the daemon's `ssh` to a workspace. Nothing of the host's or root's ssh
+/// setup applies: no config file (`-F /dev/null`, neither `/etc/ssh/ssh_config` nor
+/// `~/.ssh/config`), no agent (`IdentityAgent=none`), only the daemon's key
+/// (`IdentitiesOnly`), no agent or X11 forwarding (`-a`, `-x`) or any other forwarding, no
+/// tty, never a prompt (`BatchMode`), and only the workspace's pinned host key
+/// (`known_hosts`, under `alias`; the system's known hosts are not read).
+pub fn ssh_args(
+    key: &Path,
+    known_hosts: &Path,
+    alias: &str,
+    user: &str,
+    ip: std::net::Ipv4Addr,
+    remote: &str,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = ["-F", "/dev/null", "-a", "-x", "-T", "-i"]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    args.push(key.as_os_str().to_owned());
+    let mut known = OsString::from("UserKnownHostsFile=");
+    known.push(known_hosts.as_os_str());
+    for opt in [
+        OsString::from("IdentitiesOnly=yes"),
+        "IdentityAgent=none".into(),
+        "BatchMode=yes".into(),
+        "ForwardAgent=no".into(),
+        "ForwardX11=no".into(),
+        "ClearAllForwardings=yes".into(),
+        "PermitLocalCommand=no".into(),
+        "StrictHostKeyChecking=yes".into(),
+        known,
+        "GlobalKnownHostsFile=/dev/null".into(),
+        format!("HostKeyAlias={alias}").into(),
+        "UpdateHostKeys=no".into(),
+        "ConnectTimeout=10".into(),
+        "LogLevel=ERROR".into(),
+    ] {
+        args.push("-o".into());
+        args.push(opt);
+    }
+    for a in ["-l", user, "-p", "22", &ip.to_string(), "--", remote] {
+        args.push(a.into());
+    }
+    args
+}
+
 impl Manager {
     fn tasks_dir(&self) -> std::path::PathBuf {
         self.layout.state_dir.join("tasks")
@@ -152,7 +200,7 @@ impl Manager {
 
     /// `ssh` to the workspace as its login user with the daemon's key and the pinned host
     /// key, running `remote` (already quoted for the guest's shell). An argument list: no
-    /// local shell is involved.
+    /// local shell is involved. See [`ssh_args`].
     pub(super) fn daemon_ssh(
         &self,
         ws: &Workspace,
@@ -169,27 +217,14 @@ impl Manager {
         )
         .map_err(|e| Error::Internal(format!("cannot write {}: {e}", known_hosts.display())))?;
         let mut cmd = tokio::process::Command::new("ssh");
-        cmd.arg("-i")
-            .arg(self.layout.keys().join("id_ed25519"))
-            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
-            .args(["-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"])
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
-            .args([
-                "-o",
-                &format!("HostKeyAlias={}", ws.id),
-                "-o",
-                "LogLevel=ERROR",
-            ])
-            .args([
-                "-l",
-                &ws.login_user,
-                "-p",
-                "22",
-                &ip.to_string(),
-                "--",
-                remote,
-            ]);
+        cmd.args(ssh_args(
+            &self.layout.keys().join("id_ed25519"),
+            &known_hosts,
+            ws.id.as_str(),
+            &ws.login_user,
+            ip,
+            remote,
+        ));
         Ok(cmd)
     }
 
@@ -251,7 +286,9 @@ impl Manager {
                 log: Arc::clone(&log),
             },
         );
-        tracing::info!(task = %id, workspace = %ws.id, argv = ?spec.argv, "task started");
+        // Only the program: the arguments may hold secrets (the owner sees them in `task
+        // list`; the daemon's log is for the host's admin).
+        tracing::info!(task = %id, workspace = %ws.id, program = %spec.argv[0], args = spec.argv.len() - 1, "task started");
         self.idle_changed(&ws.id);
         self.publish_current(&ws.id);
 
@@ -459,5 +496,75 @@ mod tests {
         assert_eq!(frames.len(), 2);
         assert!(matches!(&frames[0], Frame::Stdout(d) if d == b"out"));
         assert!(matches!(&frames[1], Frame::Stderr(d) if d == b"err"));
+    }
+
+    #[test]
+    fn the_daemons_ssh_reads_no_config_and_forwards_nothing() {
+        let args = ssh_args(
+            Path::new("/var/lib/aether/keys/id_ed25519"),
+            Path::new("/var/lib/aether/tasks/known_hosts-ws-abc123"),
+            "ws-abc123",
+            "alice",
+            std::net::Ipv4Addr::new(192, 168, 150, 7),
+            "'echo' 'hi'",
+        );
+        let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        let opts: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "-o")
+            .map(|w| w[1])
+            .collect();
+        assert_eq!(
+            &args[..2],
+            ["-F", "/dev/null"],
+            "no system or user ssh config"
+        );
+        for flag in ["-a", "-x", "-T"] {
+            assert!(args.contains(&flag), "{flag}: {args:?}");
+        }
+        for opt in [
+            "IdentitiesOnly=yes",
+            "IdentityAgent=none",
+            "BatchMode=yes",
+            "ForwardAgent=no",
+            "ForwardX11=no",
+            "ClearAllForwardings=yes",
+            "StrictHostKeyChecking=yes",
+            "UserKnownHostsFile=/var/lib/aether/tasks/known_hosts-ws-abc123",
+            "GlobalKnownHostsFile=/dev/null",
+            "HostKeyAlias=ws-abc123",
+        ] {
+            assert!(opts.contains(&opt), "{opt}: {args:?}");
+        }
+        let keys: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "-i")
+            .map(|w| w[1])
+            .collect();
+        assert_eq!(
+            keys,
+            ["/var/lib/aether/keys/id_ed25519"],
+            "only the daemon's key"
+        );
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.starts_with("-A") || a.starts_with("-X") || a.starts_with("-Y")),
+            "{args:?}"
+        );
+        // The remote command is one word after `--`, as quoted for the guest's shell.
+        let n = args.len();
+        assert_eq!(
+            &args[n - 7..],
+            [
+                "-l",
+                "alice",
+                "-p",
+                "22",
+                "192.168.150.7",
+                "--",
+                "'echo' 'hi'"
+            ]
+        );
     }
 }
