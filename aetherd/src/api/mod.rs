@@ -362,25 +362,49 @@ impl Aether for Service {
     async fn task_logs(&self, req: Request<pb::TaskLogsRequest>) -> Reply<Self::TaskLogsStream> {
         let caller = auth::caller(&req)?;
         let r = req.get_ref();
-        let (task, so_far, rx) = self
+        let (task, mut reader) = self
             .manager
             .task_logs(caller, &r.task_id, r.follow)
             .map_err(status)?;
-        let mut tail = Vec::new();
-        if rx.is_none() {
-            // Finished (or not followed): the output, then the task's end as recorded.
-            tail.push(pb::TaskOutput {
-                task_id: task.id.clone(),
-                exit_code: task.exit_code,
-                state: task.state.clone(),
-                ..Default::default()
-            });
-        }
-        let head = so_far
-            .into_iter()
-            .filter_map(|f| frame_to_pb(&task.id, f))
-            .collect();
-        Ok(Response::new(follow_frames(task.id, head, tail, rx)))
+        // A few chunks in flight at most: the reader reads on only as the client takes them.
+        let (tx, out) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            loop {
+                match reader.next().await {
+                    Ok(Some(frames)) => {
+                        for f in frames {
+                            if let Some(m) = frame_to_pb(&task.id, f) {
+                                if tx.send(Ok(m)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(status(e))).await;
+                        return;
+                    }
+                }
+            }
+            // Followed to its end: how it ended; otherwise the task as recorded.
+            let last = match reader.end() {
+                Some((state, exit_code)) => pb::TaskOutput {
+                    task_id: task.id.clone(),
+                    exit_code,
+                    state: state.to_owned(),
+                    ..Default::default()
+                },
+                None => pb::TaskOutput {
+                    task_id: task.id.clone(),
+                    exit_code: task.exit_code,
+                    state: task.state.clone(),
+                    ..Default::default()
+                },
+            };
+            let _ = tx.send(Ok(last)).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 
     async fn cancel_task(&self, req: Request<pb::CancelTaskRequest>) -> Reply<pb::Task> {
