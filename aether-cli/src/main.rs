@@ -236,7 +236,7 @@ enum WorkspaceCmd {
         /// The serial console (the only log so far; required for forward compatibility).
         #[arg(long)]
         console: bool,
-        /// At most this many bytes from the end.
+        /// At most this many bytes from the end (the daemon refuses more than 1048576).
         #[arg(long, default_value_t = 65536)]
         bytes: u32,
     },

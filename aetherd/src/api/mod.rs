@@ -516,14 +516,22 @@ impl Aether for Service {
         req: Request<pb::GetConsoleLogRequest>,
     ) -> Reply<pb::ConsoleLog> {
         let caller = auth::caller(&req)?;
-        let r = req.get_ref();
-        let max = match r.max_bytes {
+        let r = req.into_inner();
+        let max = match r.max_bytes as usize {
             0 => 64 * 1024,
-            n => n as usize,
+            n if n <= crate::files::MAX_LOG_READ => n,
+            n => {
+                let e = Error::invalid(format!(
+                    "max_bytes {n} is too large: a console log read returns at most {} bytes (1 MiB)",
+                    crate::files::MAX_LOG_READ
+                ));
+                return Err(status(e));
+            }
         };
-        let data = self
-            .manager
-            .console_log(caller, &r.id, max)
+        let manager = Arc::clone(&self.manager);
+        let data = tokio::task::spawn_blocking(move || manager.console_log(caller, &r.id, max))
+            .await
+            .map_err(|e| Status::internal(format!("cannot read the console log: {e}")))?
             .map_err(status)?;
         Ok(Response::new(pb::ConsoleLog { data }))
     }
