@@ -1,10 +1,37 @@
 //! Images and what workspaces get from them (volumes, seed, network reservation), through the
 //! real binaries against libvirt's test driver.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::path::Path;
 
 use aether_tests::TestEnv;
+
+mod hostile;
+
+/// The names of the files in `dir`.
+fn entries(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What an import may change: the image list and the pool, tmp and boot dirs.
+fn footprint(env: &TestEnv) -> (Vec<String>, [BTreeSet<String>; 3]) {
+    let names = env
+        .json(&["image", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_owned())
+        .collect();
+    let dirs = ["pool", "tmp", "boot"].map(|d| entries(&env.state_dir.join(d)));
+    (names, dirs)
+}
 
 #[test]
 fn import_checks_format_backing_file_and_name() {
@@ -18,7 +45,10 @@ fn import_checks_format_backing_file_and_name() {
 
     let liar = env.make_disk("liar.qcow2", "raw", "16M");
     let err = env.fail(&["image", "import", "liar", liar.to_str().unwrap()]);
-    assert_eq!(err, "aether: liar.qcow2 is raw, not qcow2 as its name says");
+    assert_eq!(
+        err,
+        "aether: image refused: liar.qcow2 is raw, not qcow2 as its name says"
+    );
 
     let base = env.make_disk("base.qcow2", "qcow2", "16M");
     let overlay = env.dir.path().join("overlay.qcow2");
@@ -30,7 +60,10 @@ fn import_checks_format_backing_file_and_name() {
         .unwrap();
     assert!(st.success());
     let err = env.fail(&["image", "import", "layered", overlay.to_str().unwrap()]);
-    assert!(err.contains("image has a backing file"), "{err}");
+    assert!(
+        err.starts_with("aether: image refused: it has a backing file ("),
+        "{err}"
+    );
 
     let junk = env.dir.path().join("junk.vmdk");
     std::fs::write(&junk, b"not an image at all").unwrap();
@@ -70,6 +103,52 @@ fn import_checks_format_backing_file_and_name() {
         header,
         ["NAME", "FORMAT", "SIZE", "BOOT", "IN-USE", "CREATED"]
     );
+}
+
+#[test]
+fn hostile_images_are_refused_with_their_reason_and_leave_nothing_behind() {
+    let env = TestEnv::start();
+    let before = footprint(&env);
+    for (i, h) in hostile::corpus(env.dir.path(), 64).iter().enumerate() {
+        let name = format!("hostile-{i}");
+        let r = env.run(&["image", "import", &name, h.file.to_str().unwrap()]);
+        assert_eq!(r.code, 1, "{}: {r:?}", h.what);
+        assert_eq!(r.stdout, "", "{}: {r:?}", h.what);
+        assert_eq!(r.stderr.lines().count(), 1, "{}: one line: {r:?}", h.what);
+        assert!(
+            r.stderr.starts_with(&h.refusal),
+            "{}: expected {:?}, got {:?}",
+            h.what,
+            h.refusal,
+            r.stderr
+        );
+        assert_eq!(
+            footprint(&env),
+            before,
+            "{}: something was left behind",
+            h.what
+        );
+    }
+    // Direct kernel boot changes nothing about it: the disk is still refused, the kernel
+    // and initrd do not stay.
+    let kernel = env.dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"kernel").unwrap();
+    let data_file = &hostile::corpus(env.dir.path(), 64)[0];
+    let err = env.fail(&[
+        "image",
+        "import",
+        "hostile-kernel",
+        data_file.file.to_str().unwrap(),
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        kernel.to_str().unwrap(),
+    ]);
+    assert_eq!(err, data_file.refusal);
+    assert_eq!(footprint(&env), before);
+    // The daemon still takes a good image afterwards.
+    let good = env.make_disk("good.qcow2", "qcow2", "64M");
+    env.ok(&["image", "import", "good", good.to_str().unwrap()]);
 }
 
 #[test]

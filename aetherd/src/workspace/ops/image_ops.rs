@@ -44,19 +44,31 @@ impl Manager {
                 "a kernel command line needs direct kernel boot (--kernel)",
             ));
         }
+        if boot_mode == BootMode::Kernel && !initrd.exists() {
+            return Err(Error::invalid(
+                "direct kernel boot needs an initrd (--initrd)",
+            ));
+        }
         let disk = up.dir.join("disk");
         if !disk.exists() {
             return Err(Error::invalid("no disk data was sent"));
         }
+        let max_virtual = images::max_virtual_size(self.config.max_volume_size_gb);
+
+        // What was sent, checked as the format it claims (and shows).
+        let format = images::identify(&disk, &up.source_name)?;
+        let sent = images::check_disk(&disk, format, max_virtual).await?;
+        let staged = match sent.format {
+            images::DiskFormat::Qcow2 => disk,
+            images::DiskFormat::Raw => {
+                let converted = up.dir.join("disk.qcow2");
+                images::convert_raw(&disk, &converted).await?;
+                converted
+            }
+        };
+        images::prepare_for_pool(&staged)?;
+
         let dest = self.layout.pool().join(name.volume_name());
-        let source_name = up.source_name.clone();
-        let info = tokio::task::block_in_place(|| -> Result<images::QemuImgInfo> {
-            let info = images::qemu_img_info(&disk)?;
-            images::check_disk(&info, &source_name)?;
-            images::install_disk(&info, &disk, &dest)?;
-            Ok(info)
-        })?;
-        let installed = tokio::task::block_in_place(|| images::qemu_img_info(&dest))?;
         let cleanup = |e: Error| {
             let _ = std::fs::remove_file(&dest);
             let _ = std::fs::remove_dir_all(self.layout.boot_dir(&name));
@@ -75,11 +87,6 @@ impl Manager {
                 (&kernel, self.layout.kernel(&name)),
                 (&initrd, self.layout.initrd(&name)),
             ] {
-                if !from.exists() {
-                    return Err(cleanup(Error::invalid(
-                        "direct kernel boot needs an initrd (--initrd)",
-                    )));
-                }
                 std::fs::rename(from, &to).map_err(|e| {
                     cleanup(Error::Internal(format!(
                         "cannot move {}: {e}",
@@ -89,18 +96,24 @@ impl Manager {
                 files::set_mode(&to, 0o644).map_err(cleanup)?;
             }
         }
+        // The file that becomes the pool volume, checked again right before it moves (after
+        // the conversion), and moved only if it is still the file checked.
+        let checked = images::check_disk(&staged, images::DiskFormat::Qcow2, max_virtual)
+            .await
+            .map_err(cleanup)?;
+        images::move_into_pool(&checked, &staged, &dest).map_err(cleanup)?;
         let image = Image {
             name: name.clone(),
             boot_mode,
             cmdline: up.cmdline.clone(),
-            virtual_size: info.virtual_size,
-            disk_size: installed.actual_size,
+            virtual_size: checked.virtual_size,
+            disk_size: checked.actual_size,
             created_at: crate::store::now(),
             in_use: 0,
         };
         self.store.insert_image(&image).map_err(cleanup)?;
         self.hv.refresh_pool().await?;
-        tracing::info!(image = %name, boot = boot_mode.as_str(), virtual_size = info.virtual_size, "image imported");
+        tracing::info!(image = %name, boot = boot_mode.as_str(), virtual_size = image.virtual_size, "image imported");
         Ok(image)
     }
 
