@@ -75,9 +75,22 @@ impl Progress {
 
 type Tx = mpsc::Sender<pb::ImportImageRequest>;
 
+/// The daemon stopped reading the upload: its reply says why (it may refuse an import right
+/// after the header, say because another import of the name runs).
+#[derive(Debug)]
+struct UploadClosed;
+
+impl std::fmt::Display for UploadClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the daemon closed the upload")
+    }
+}
+
+impl std::error::Error for UploadClosed {}
+
 fn send(tx: &Tx, part: Part) -> anyhow::Result<()> {
     tx.blocking_send(pb::ImportImageRequest { part: Some(part) })
-        .map_err(|_| anyhow::anyhow!("the daemon closed the upload"))
+        .map_err(|_| UploadClosed.into())
 }
 
 /// Streams `reader` as `make(chunk)` messages.
@@ -180,9 +193,13 @@ pub async fn import(client: &mut Client, args: ImportArgs) -> anyhow::Result<pb:
     let producer = tokio::task::spawn_blocking(move || produce(&args, tx));
     let call = client.import_image(tokio_stream::wrappers::ReceiverStream::new(rx));
     let (reply, produced) = tokio::join!(call, producer);
-    // A read error is the real cause when both fail (the daemon then saw a short upload).
-    produced.context("upload thread failed")??;
-    Ok(reply?.into_inner())
+    match (reply, produced.context("upload thread failed")?) {
+        // The daemon refused before it had everything: its reason, not the closed stream.
+        (Err(status), Err(e)) if e.is::<UploadClosed>() => Err(status.into()),
+        // A read error is the real cause when both fail (the daemon then saw a short upload).
+        (_, Err(e)) => Err(e),
+        (reply, Ok(())) => Ok(reply?.into_inner()),
+    }
 }
 
 #[cfg(test)]

@@ -878,6 +878,28 @@ impl Layout {
                 set_mode(&dir, 0o700)?;
             }
         }
+        self.remove_stale_uploads()
+    }
+
+    /// Where an import stages its upload: `<tmp>/upload-<token>`, one per import.
+    pub fn upload_dir(&self, token: &str) -> PathBuf {
+        self.tmp().join(format!("upload-{token}"))
+    }
+
+    /// Removes every staging directory of an import (`<tmp>/upload-*`). At start no import
+    /// runs, so these are left by a daemon that died during one (their reservations are
+    /// dropped when the store opens).
+    fn remove_stale_uploads(&self) -> Result<()> {
+        let tmp = self.tmp();
+        let entries = std::fs::read_dir(&tmp)
+            .map_err(|e| Error::Internal(format!("cannot read {}: {e}", tmp.display())))?;
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("upload-") {
+                let path = entry.path();
+                tracing::info!(path = %path.display(), "removing an upload left by an interrupted import");
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            }
+        }
         Ok(())
     }
 }

@@ -84,6 +84,15 @@ const MIGRATIONS: &[&str] = &[
         ip          TEXT PRIMARY KEY,
         released_at INTEGER NOT NULL
     );",
+    // 8: image names held by an import (or a delete) while it runs, so two cannot work on
+    // one name's files at once; `token` is the holder's. Rows are dropped at open (a daemon
+    // that died left them).
+    "CREATE TABLE image_reservations (
+        name       TEXT PRIMARY KEY,
+        state      TEXT NOT NULL CHECK (state IN ('importing','deleting')),
+        token      TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -232,6 +241,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", true)?;
         migrate(&mut conn)?;
+        drop_stale_image_reservations(&conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -610,9 +620,109 @@ fn image_from_row(r: &Row<'_>) -> rusqlite::Result<Image> {
     })
 }
 
+/// Only one daemon uses a state database, and it opens the store before serving: every
+/// image reservation found then was left by a daemon that died during an import or delete.
+/// (Their staging files go with them, see `Layout::create`.)
+fn drop_stale_image_reservations(conn: &Connection) -> Result<()> {
+    let n = conn.execute("DELETE FROM image_reservations", [])?;
+    if n > 0 {
+        tracing::info!(
+            reservations = n,
+            "dropped image imports and deletes interrupted by a restart"
+        );
+    }
+    Ok(())
+}
+
+/// What an image reservation is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ImageReservation {
+    Importing,
+    Deleting,
+}
+
+impl ImageReservation {
+    fn as_str(self) -> &'static str {
+        match self {
+            ImageReservation::Importing => "importing",
+            ImageReservation::Deleting => "deleting",
+        }
+    }
+}
+
+fn random_token() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the kernel's random source is available");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Refuses `name` if an import or delete holds it; `Ok` when it is free.
+fn check_unreserved(tx: &Connection, name: &ImageName) -> Result<()> {
+    let held: Option<String> = tx
+        .query_row(
+            "SELECT state FROM image_reservations WHERE name = ?1",
+            [name.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match held.as_deref() {
+        None => Ok(()),
+        Some("deleting") => Err(Error::AlreadyExists(format!(
+            "image {name} is being deleted"
+        ))),
+        Some(_) => Err(Error::AlreadyExists(format!(
+            "image {name} is being imported"
+        ))),
+    }
+}
+
 impl Store {
-    pub fn insert_image(&self, image: &Image) -> Result<()> {
-        let res = self.conn().execute(
+    /// Reserves `name` for an import before any of its files is written: refused at once
+    /// (`AlreadyExists`) while the image exists or another import or delete holds the name.
+    /// Returns the reservation's token, which [`Store::finish_image_import`] and
+    /// [`Store::release_image`] need.
+    pub fn reserve_image_import(&self, name: &ImageName) -> Result<String> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM images WHERE name = ?1)",
+            [name.as_str()],
+            |r| r.get(0),
+        )?;
+        if exists {
+            return Err(Error::AlreadyExists(format!("image {name} already exists")));
+        }
+        check_unreserved(&tx, name)?;
+        let token = random_token();
+        tx.execute(
+            "INSERT INTO image_reservations (name, state, token, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                name.as_str(),
+                ImageReservation::Importing.as_str(),
+                token,
+                now()
+            ],
+        )?;
+        tx.commit()?;
+        Ok(token)
+    }
+
+    /// Ends the import holding `token`: its reservation becomes the image row, in one
+    /// transaction.
+    pub fn finish_image_import(&self, image: &Image, token: &str) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let held = tx.execute(
+            "DELETE FROM image_reservations WHERE name = ?1 AND token = ?2 AND state = 'importing'",
+            params![image.name.as_str(), token],
+        )?;
+        if held != 1 {
+            return Err(Error::Internal(format!(
+                "the import of image {} lost its reservation",
+                image.name
+            )));
+        }
+        let res = tx.execute(
             "INSERT INTO images (name, boot_mode, cmdline, virtual_size, disk_size, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
@@ -625,17 +735,28 @@ impl Store {
             ],
         );
         match res {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
-                Err(Error::AlreadyExists(format!(
+                return Err(Error::AlreadyExists(format!(
                     "image {} already exists",
                     image.name
                 )))
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
         }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Gives up the reservation of `name` held by `token` (nothing if it is not held by it).
+    pub fn release_image(&self, name: &ImageName, token: &str) -> Result<()> {
+        self.conn().execute(
+            "DELETE FROM image_reservations WHERE name = ?1 AND token = ?2",
+            params![name.as_str(), token],
+        )?;
+        Ok(())
     }
 
     pub fn get_image(&self, name: &ImageName) -> Result<Image> {
@@ -656,10 +777,13 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Deletes an image row; refused while a workspace uses it.
-    pub fn delete_image(&self, name: &ImageName) -> Result<()> {
+    /// Deletes an image row, refused while a workspace uses it, and reserves the name until
+    /// the caller has removed the files and calls [`Store::release_image`] with the token
+    /// returned (so an import of the same name cannot write them meanwhile).
+    pub fn delete_image(&self, name: &ImageName) -> Result<String> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        check_unreserved(&tx, name)?;
         let users: Vec<String> = {
             let mut stmt = tx.prepare("SELECT id FROM workspaces WHERE image = ?1 ORDER BY id")?;
             let rows = stmt.query_map([name.as_str()], |r| r.get(0))?;
@@ -674,8 +798,18 @@ impl Store {
         if tx.execute("DELETE FROM images WHERE name = ?1", [name.as_str()])? == 0 {
             return Err(Error::not_found("image", name.as_str()));
         }
+        let token = random_token();
+        tx.execute(
+            "INSERT INTO image_reservations (name, state, token, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                name.as_str(),
+                ImageReservation::Deleting.as_str(),
+                token,
+                now()
+            ],
+        )?;
         tx.commit()?;
-        Ok(())
+        Ok(token)
     }
 }
 
@@ -971,5 +1105,58 @@ mod tests {
                 .len(),
             0
         );
+    }
+
+    #[test]
+    fn image_names_are_reserved_while_imported_or_deleted_and_freed_by_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let s = Store::open(&path).unwrap();
+        let name = ImageName::parse("img").unwrap();
+        let image = Image {
+            name: name.clone(),
+            boot_mode: BootMode::Bios,
+            cmdline: String::new(),
+            virtual_size: 1 << 30,
+            disk_size: 1 << 20,
+            created_at: 1,
+            in_use: 0,
+        };
+        let token = s.reserve_image_import(&name).unwrap();
+        let e = s.reserve_image_import(&name).unwrap_err();
+        assert!(matches!(e, Error::AlreadyExists(_)), "{e:?}");
+        assert_eq!(e.to_string(), "image img is being imported");
+        // A reservation is not an image.
+        assert!(s.list_images().unwrap().is_empty());
+        assert!(s.get_image(&name).is_err());
+        // Only its holder finishes or releases it.
+        assert!(s.finish_image_import(&image, "not-the-token").is_err());
+        s.release_image(&name, "not-the-token").unwrap();
+        assert!(s.reserve_image_import(&name).is_err());
+        s.finish_image_import(&image, &token).unwrap();
+        assert_eq!(s.list_images().unwrap(), vec![image.clone()]);
+        assert_eq!(
+            s.reserve_image_import(&name).unwrap_err().to_string(),
+            "image img already exists"
+        );
+        s.release_image(&name, &token).unwrap();
+        assert_eq!(s.list_images().unwrap().len(), 1, "a finished import stays");
+
+        // A delete holds the name until its files are gone.
+        let deleting = s.delete_image(&name).unwrap();
+        assert!(s.list_images().unwrap().is_empty());
+        assert_eq!(
+            s.reserve_image_import(&name).unwrap_err().to_string(),
+            "image img is being deleted"
+        );
+        s.release_image(&name, &deleting).unwrap();
+        let token = s.reserve_image_import(&name).unwrap();
+        s.release_image(&name, &token).unwrap();
+
+        // A daemon that dies during an import leaves its reservation; the next open drops it.
+        s.reserve_image_import(&name).unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        s.reserve_image_import(&name).unwrap();
     }
 }

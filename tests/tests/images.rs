@@ -5,6 +5,8 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use aether_tests::TestEnv;
 
@@ -149,6 +151,128 @@ fn hostile_images_are_refused_with_their_reason_and_leave_nothing_behind() {
     // The daemon still takes a good image afterwards.
     let good = env.make_disk("good.qcow2", "qcow2", "64M");
     env.ok(&["image", "import", "good", good.to_str().unwrap()]);
+}
+
+#[test]
+fn concurrent_imports_of_one_name_leave_exactly_one_complete_image() {
+    let env = TestEnv::start();
+    let disk = env.make_disk("race.qcow2", "qcow2", "256M");
+    let len = std::fs::metadata(&disk).unwrap().len();
+    for round in 0..4 {
+        let name = format!("race-{round}");
+        let children: Vec<_> = (0..6)
+            .map(|_| {
+                env.cli()
+                    .args(["image", "import", &name, disk.to_str().unwrap()])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let runs: Vec<aether_tests::Run> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap().into())
+            .collect();
+        let won = runs.iter().filter(|r| r.code == 0).count();
+        assert_eq!(won, 1, "round {round}: exactly one import wins: {runs:?}");
+        for r in runs.iter().filter(|r| r.code != 0) {
+            let line = r.stderr.trim_end();
+            assert_eq!(r.code, 1, "{r:?}");
+            assert!(
+                line == format!("aether: image {name} is being imported")
+                    || line == format!("aether: image {name} already exists"),
+                "round {round}: {r:?}"
+            );
+        }
+        let listed = env.json(&["image", "list"]);
+        let image = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("round {round}: {name} is not listed: {listed}"));
+        assert_eq!(image["virtual_size_bytes"], 256 << 20);
+        let pool_file = env.state_dir.join(format!("pool/image-{name}.qcow2"));
+        let meta = std::fs::metadata(&pool_file)
+            .unwrap_or_else(|e| panic!("round {round}: {}: {e}", pool_file.display()));
+        assert_eq!(meta.len(), len, "round {round}: the pool file is the image");
+        assert_eq!(entries(&env.state_dir.join("tmp")), BTreeSet::new());
+    }
+}
+
+#[test]
+fn a_restart_drops_an_interrupted_import_and_its_upload() {
+    let mut env = TestEnv::start();
+    // A server that sends the headers and 4 MiB of a 64 MiB body, then stalls until told.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut req = [0u8; 4096];
+        let _ = conn.read(&mut req).unwrap();
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            64 << 20
+        )
+        .unwrap();
+        // The write fails once the killed daemon's client gives up: that is expected.
+        let _ = conn.write_all(&vec![0u8; 4 << 20]);
+        let _ = released.recv_timeout(Duration::from_secs(60));
+    });
+    let url = format!("http://127.0.0.1:{port}/stalled.raw");
+    let mut stalled = env
+        .cli()
+        .args(["image", "import", "stalled", &url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the daemon has staged part of the upload.
+    let tmp = env.state_dir.join("tmp");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let staged = loop {
+        let disk = entries(&tmp)
+            .into_iter()
+            .filter(|e| e.starts_with("upload-"))
+            .map(|e| tmp.join(e).join("disk"))
+            .find(|d| std::fs::metadata(d).is_ok_and(|m| m.len() > 0));
+        if let Some(disk) = disk {
+            break disk;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no upload staged: {:?}",
+            entries(&tmp)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The name is held while the upload runs.
+    let disk = env.make_disk("stalled.qcow2", "qcow2", "16M");
+    let err = env.fail(&["image", "import", "stalled", disk.to_str().unwrap()]);
+    assert_eq!(err, "aether: image stalled is being imported");
+
+    env.kill_daemon();
+    // The client reads the stalled download until the server lets go.
+    let _ = release.send(());
+    server.join().unwrap();
+    let _ = stalled.wait();
+    assert!(staged.exists(), "the killed daemon left its upload");
+    env.start_daemon();
+    // The socket accepts before start-up is done; the first answer comes after it.
+    env.ok(&["image", "list"]);
+    assert_eq!(
+        entries(&tmp),
+        BTreeSet::new(),
+        "the restart removed the upload"
+    );
+    let img = env.json(&["image", "import", "stalled", disk.to_str().unwrap()]);
+    assert_eq!(img["virtual_size_bytes"], 16 << 20);
+    assert!(env
+        .daemon_log()
+        .contains("dropped image imports and deletes interrupted by a restart"));
 }
 
 #[test]

@@ -22,7 +22,7 @@ use crate::store::{Project, Workspace};
 use crate::tunnel;
 use crate::workspace::ops::live::{ChangeKind, Runtime};
 use crate::workspace::ops::tasks::{ExecSpec, Frame};
-use crate::workspace::ops::{Caller, CreateWorkspace, ImageUpload, Manager};
+use crate::workspace::ops::{Caller, CreateWorkspace, Manager};
 use crate::workspace::state::State;
 
 pub use aether_proto::v1::aether_server::AetherServer;
@@ -602,16 +602,20 @@ impl Aether for Service {
     ) -> Reply<pb::Image> {
         auth::caller(&req)?;
         let mut stream = req.into_inner();
-        let dir =
-            crate::files::fresh_dir(&self.manager.layout().tmp(), "upload").map_err(status)?;
-        let received = receive_image(&mut stream, &dir).await;
-        let upload = match received {
-            Ok(u) => u,
-            Err(e) => {
-                let _ = tokio::fs::remove_dir_all(&dir).await;
-                return Err(e);
-            }
-        };
+        let header = receive_image_header(&mut stream).await?;
+        // The name is reserved before anything is written: a concurrent import of it is
+        // refused here, at once. Dropping `upload` (on any error below, or a cancelled
+        // request) removes its staging dir and frees the name.
+        let upload = self
+            .manager
+            .begin_image_import(
+                &header.name,
+                header.boot_mode,
+                header.cmdline,
+                header.source_name,
+            )
+            .map_err(status)?;
+        receive_image_parts(&mut stream, &upload.dir).await?;
         let image = self.manager.import_image(upload).await.map_err(status)?;
         Ok(Response::new(image_to_pb(&image)))
     }
@@ -751,14 +755,19 @@ fn image_to_pb(i: &Image) -> pb::Image {
     }
 }
 
-/// Writes the parts of an image upload to `dir` (`kernel`, `initrd`, `disk`), enforcing the
-/// order header, kernel, initrd, disk.
-async fn receive_image(
+/// The header of an image upload, checked.
+struct ImageHeader {
+    name: String,
+    boot_mode: Option<BootMode>,
+    cmdline: String,
+    source_name: String,
+}
+
+/// Reads the first message of an image upload, which must be its header.
+async fn receive_image_header(
     stream: &mut tonic::Streaming<pb::ImportImageRequest>,
-    dir: &std::path::Path,
-) -> Result<ImageUpload, Status> {
+) -> Result<ImageHeader, Status> {
     use pb::import_image_request::Part;
-    use tokio::io::AsyncWriteExt;
 
     let header = match stream.message().await? {
         Some(pb::ImportImageRequest {
@@ -777,8 +786,23 @@ async fn receive_image(
         Ok(pb::BootMode::Kernel) => Some(BootMode::Kernel),
         Err(_) => return Err(Status::invalid_argument("invalid boot mode")),
     };
-    // Validate the name before accepting gigabytes for it.
-    crate::images::ImageName::parse(&header.name).map_err(status)?;
+    Ok(ImageHeader {
+        name: header.name,
+        boot_mode,
+        cmdline: header.cmdline,
+        source_name: header.source_name,
+    })
+}
+
+/// Writes the parts after the header to `dir` (`kernel`, `initrd`, `disk`), enforcing the
+/// order kernel, initrd, disk.
+async fn receive_image_parts(
+    stream: &mut tonic::Streaming<pb::ImportImageRequest>,
+    dir: &std::path::Path,
+) -> Result<(), Status> {
+    use pb::import_image_request::Part;
+    use tokio::io::AsyncWriteExt;
+
     let mut stage = 0; // 1 kernel, 2 initrd, 3 disk
     let mut file: Option<tokio::fs::File> = None;
     while let Some(msg) = stream.message().await? {
@@ -803,7 +827,10 @@ async fn receive_image(
             }
             stage = want;
             file = Some(
-                tokio::fs::File::create(dir.join(name))
+                tokio::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(dir.join(name))
                     .await
                     .map_err(|e| Status::internal(format!("cannot store upload: {e}")))?,
             );
@@ -822,11 +849,5 @@ async fn receive_image(
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
     }
-    Ok(ImageUpload {
-        dir: dir.to_owned(),
-        name: header.name,
-        boot_mode,
-        cmdline: header.cmdline,
-        source_name: header.source_name,
-    })
+    Ok(())
 }

@@ -1,26 +1,55 @@
 //! Image import, listing and deletion (the files live in the pool and boot dirs; see
 //! `crate::images` for the checks).
+//!
+//! An import holds its image name from the header on (a reservation row, see
+//! [`Store::reserve_image_import`]): a second import of the name is refused at once, so no
+//! two imports ever write or clean up the same pool file. Each upload is staged in its own
+//! directory, and a failed import removes only what it made.
 
 use super::*;
 
 impl Manager {
-    /// Finishes an upload: `dir` holds `disk` and, for direct kernel boot, `kernel` and
-    /// `initrd`. Checks and installs them; the upload dir is removed in every case.
+    /// Starts an import after its header: validates the name and command line, reserves the
+    /// name (refused at once while the image exists or another import or delete holds it) and
+    /// creates the upload's own staging directory. Dropping the result releases both.
+    pub fn begin_image_import(
+        self: &Arc<Self>,
+        name: &str,
+        boot_mode: Option<BootMode>,
+        cmdline: String,
+        source_name: String,
+    ) -> Result<ImageUpload> {
+        let name = ImageName::parse(name)?;
+        images::validate_cmdline(&cmdline)?;
+        let token = self.store.reserve_image_import(&name)?;
+        let dir = self.layout.upload_dir(&token);
+        if let Err(e) = std::fs::create_dir(&dir) {
+            let _ = self.store.release_image(&name, &token);
+            return Err(Error::Internal(format!(
+                "cannot create {}: {e}",
+                dir.display()
+            )));
+        }
+        Ok(ImageUpload {
+            dir,
+            name,
+            boot_mode,
+            cmdline,
+            source_name,
+            token,
+            manager: Arc::clone(self),
+        })
+    }
+
+    /// Finishes an upload: `upload.dir` holds `disk` and, for direct kernel boot, `kernel`
+    /// and `initrd`. Checks and installs them; the upload dir and the reservation go in
+    /// every case (when `upload` is dropped).
     pub async fn import_image(&self, upload: ImageUpload) -> Result<Image> {
-        let result = self.install_image(&upload).await;
-        let _ = std::fs::remove_dir_all(&upload.dir);
-        result
+        self.install_image(&upload).await
     }
 
     async fn install_image(&self, up: &ImageUpload) -> Result<Image> {
-        let name = ImageName::parse(&up.name)?;
-        images::validate_cmdline(&up.cmdline)?;
-        if let Ok(existing) = self.store.get_image(&name) {
-            return Err(Error::AlreadyExists(format!(
-                "image {} already exists",
-                existing.name
-            )));
-        }
+        let name = &up.name;
         let kernel = up.dir.join("kernel");
         let initrd = up.dir.join("initrd");
         let boot_mode = match (up.boot_mode, kernel.exists()) {
@@ -68,14 +97,16 @@ impl Manager {
         };
         images::prepare_for_pool(&staged)?;
 
+        // From here on this import makes files outside its staging dir; the reservation
+        // means nothing else owns them, so a failure removes them.
         let dest = self.layout.pool().join(name.volume_name());
         let cleanup = |e: Error| {
             let _ = std::fs::remove_file(&dest);
-            let _ = std::fs::remove_dir_all(self.layout.boot_dir(&name));
+            let _ = std::fs::remove_dir_all(self.layout.boot_dir(name));
             e
         };
         if boot_mode == BootMode::Kernel {
-            let dir = self.layout.boot_dir(&name);
+            let dir = self.layout.boot_dir(name);
             std::fs::create_dir_all(&dir).map_err(|e| {
                 cleanup(Error::Internal(format!(
                     "cannot create {}: {e}",
@@ -84,8 +115,8 @@ impl Manager {
             })?;
             files::set_mode(&dir, 0o755).map_err(cleanup)?;
             for (from, to) in [
-                (&kernel, self.layout.kernel(&name)),
-                (&initrd, self.layout.initrd(&name)),
+                (&kernel, self.layout.kernel(name)),
+                (&initrd, self.layout.initrd(name)),
             ] {
                 std::fs::rename(from, &to).map_err(|e| {
                     cleanup(Error::Internal(format!(
@@ -111,7 +142,9 @@ impl Manager {
             created_at: crate::store::now(),
             in_use: 0,
         };
-        self.store.insert_image(&image).map_err(cleanup)?;
+        self.store
+            .finish_image_import(&image, &up.token)
+            .map_err(cleanup)?;
         self.hv.refresh_pool().await?;
         tracing::info!(image = %name, boot = boot_mode.as_str(), virtual_size = image.virtual_size, "image imported");
         Ok(image)
@@ -128,22 +161,47 @@ impl Manager {
                 "only root may delete images".into(),
             ));
         }
-        self.store.delete_image(&name)?;
-        self.hv.delete_volume(&name.volume_name()).await?;
+        // The name stays reserved until the files are gone, so an import of it cannot
+        // write them meanwhile.
+        let token = self.store.delete_image(&name)?;
+        let result = self.hv.delete_volume(&name.volume_name()).await;
         let _ = std::fs::remove_file(self.layout.pool().join(name.volume_name()));
         let _ = std::fs::remove_dir_all(self.layout.boot_dir(&name));
+        self.store.release_image(&name, &token)?;
+        result?;
         tracing::info!(image = %name, "image deleted");
         Ok(())
     }
 }
 
-/// An uploaded image waiting to be checked and installed.
-#[derive(Clone, Debug)]
+/// An import in progress: its reserved name and its staging directory (`disk`, and
+/// `kernel` + `initrd` for direct kernel boot). Dropping it removes the directory and
+/// releases the reservation (a finished import's reservation is already the image row),
+/// also when the request is cancelled midway.
 pub struct ImageUpload {
-    /// Directory with `disk`, and `kernel` + `initrd` for direct kernel boot.
     pub dir: std::path::PathBuf,
-    pub name: String,
-    pub boot_mode: Option<BootMode>,
-    pub cmdline: String,
-    pub source_name: String,
+    name: ImageName,
+    boot_mode: Option<BootMode>,
+    cmdline: String,
+    source_name: String,
+    token: String,
+    manager: Arc<Manager>,
+}
+
+impl std::fmt::Debug for ImageUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageUpload")
+            .field("dir", &self.dir)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ImageUpload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Err(e) = self.manager.store.release_image(&self.name, &self.token) {
+            tracing::warn!(image = %self.name, error = %e, "cannot release the image reservation");
+        }
+    }
 }
