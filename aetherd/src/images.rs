@@ -793,12 +793,6 @@ pub async fn convert_raw(src: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Gives a disk the mode of a base image in the pool (see [`crate::privacy`]), before its
-/// final check.
-pub fn prepare_for_pool(path: &Path) -> Result<()> {
-    set_mode(path, 0o640)
-}
-
 /// Moves the disk checked as `checked` from `src` (in the state dir's tmp) to `dest` in the
 /// pool, and makes sure what arrived is the file that was checked. On an error `dest` may
 /// exist; the caller removes it.
@@ -1360,7 +1354,7 @@ mod tests {
         assert_eq!(checked.virtual_size, 1 << 20);
         let out = dir.path().join("out.qcow2");
         convert_raw(&raw, &out).await.unwrap();
-        prepare_for_pool(&out).unwrap();
+        set_mode(&out, 0o640).unwrap();
         let checked = check_disk(&out, DiskFormat::Qcow2, MAX).await.unwrap();
         assert_eq!(checked.virtual_size, 1 << 20);
         let pool = dir.path().join("pool.qcow2");

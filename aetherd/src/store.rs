@@ -93,6 +93,20 @@ const MIGRATIONS: &[&str] = &[
         token      TEXT NOT NULL,
         created_at INTEGER NOT NULL
     );",
+    // 9: project names are unique per owner, not host-wide, so one user can neither take a
+    // name from another nor learn that it exists. (SQLite cannot drop a column's UNIQUE: the
+    // table is rebuilt; `migrate` runs this with foreign keys off and checks them after.)
+    "CREATE TABLE projects_new (
+        id         TEXT PRIMARY KEY,
+        name       TEXT NOT NULL,
+        owner_uid  INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        UNIQUE (owner_uid, name)
+    );
+    INSERT INTO projects_new (id, name, owner_uid, created_at)
+        SELECT id, name, owner_uid, created_at FROM projects;
+    DROP TABLE projects;
+    ALTER TABLE projects_new RENAME TO projects;",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,8 +309,10 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Finds a project by id, or by name (an 8-hex-digit name is looked up both ways).
-    pub fn find_project(&self, r: &ProjectRef, owner: Owner) -> Result<Project> {
+    /// Finds a project by id, or by name (an 8-hex-digit name is looked up both ways). Names
+    /// are unique per owner: for an admin (`owner` None) a name names its own project
+    /// (`caller_uid`'s) first, else the oldest of that name (ids are unambiguous).
+    pub fn find_project(&self, r: &ProjectRef, owner: Owner, caller_uid: u32) -> Result<Project> {
         let conn = self.conn();
         let (by_id, by_name, shown) = match r {
             ProjectRef::Id(id) => (Some(id.as_str()), id.as_str(), id.as_str()),
@@ -305,9 +321,9 @@ impl Store {
         conn.query_row(
             &format!(
                 "{PROJECT_QUERY} WHERE (p.id = ?1 OR p.name = ?2) AND (?3 IS NULL OR p.owner_uid = ?3) \
-                 ORDER BY p.id = ?1 DESC LIMIT 1"
+                 ORDER BY p.id = ?1 DESC, p.owner_uid = ?4 DESC, p.created_at LIMIT 1"
             ),
-            params![by_id, by_name, owner],
+            params![by_id, by_name, owner, caller_uid],
             project_from_row,
         )
         .optional()?
@@ -923,7 +939,17 @@ impl Store {
     }
 }
 
+/// Applies the migrations not applied yet, each in its own transaction. Foreign keys are off
+/// while they run (a table rebuild must be able to drop and rename a referenced table, the
+/// way SQLite's documentation does it) and checked before each commit.
 fn migrate(conn: &mut Connection) -> Result<()> {
+    conn.pragma_update(None, "foreign_keys", false)?;
+    let result = apply_migrations(conn);
+    conn.pragma_update(None, "foreign_keys", true)?;
+    result
+}
+
+fn apply_migrations(conn: &mut Connection) -> Result<()> {
     let current: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if current as usize > MIGRATIONS.len() {
         return Err(Error::Internal(format!(
@@ -934,6 +960,15 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(sql)?;
+        let broken: Option<String> = tx
+            .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
+            .optional()?;
+        if let Some(table) = broken {
+            return Err(Error::Internal(format!(
+                "migration {} would break a foreign key of table {table}; not applied",
+                i + 1
+            )));
+        }
         tx.pragma_update(None, "user_version", (i + 1) as u32)?;
         tx.commit()?;
         tracing::info!(version = i + 1, "migrated state database");
@@ -1007,17 +1042,74 @@ mod tests {
         let (_d, s) = store();
         let p = project(&s, "app");
         let err = s
-            .insert_project(&ProjectName::parse("app").unwrap(), 1)
+            .insert_project(&ProjectName::parse("app").unwrap(), 1000)
             .unwrap_err();
         assert!(matches!(err, Error::AlreadyExists(_)), "{err:?}");
+        // Another owner's "app" is another project: names are unique per owner.
+        let theirs = s
+            .insert_project(&ProjectName::parse("app").unwrap(), 1)
+            .unwrap();
+        assert_ne!(theirs.id, p.id);
+        let found = |uid: u32, owner: Owner| {
+            s.find_project(&ProjectRef::parse("app").unwrap(), owner, uid)
+                .unwrap()
+                .id
+        };
+        assert_eq!(found(1, Some(1)), theirs.id);
+        assert_eq!(found(1000, Some(1000)), p.id);
+        // An admin's name lookup: its own first, else the oldest.
+        assert_eq!(found(1, None), theirs.id);
+        assert_eq!(found(0, None), p.id);
         new_ws(&s, &p, 1000, "u1");
         let err = s.delete_project(&p).unwrap_err();
         assert!(err.to_string().contains("still has 1 workspace"), "{err}");
         let by_name = s
-            .find_project(&ProjectRef::parse("app").unwrap(), None)
+            .find_project(&ProjectRef::parse("app").unwrap(), None, 0)
             .unwrap();
         assert_eq!(by_name.id, p.id);
         assert_eq!(by_name.workspace_count, 1);
+    }
+
+    #[test]
+    fn the_project_rebuild_keeps_projects_and_their_workspaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            // A database as the daemon left it at schema 8.
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..8] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 8).unwrap();
+            tx.execute(
+                "INSERT INTO projects (id, name, owner_uid, created_at) VALUES ('0badc0de', 'app', 1000, 1)",
+                [],
+            )
+            .unwrap();
+            tx.execute(
+                "INSERT INTO workspaces (id, project_id, owner_uid, uuid, state, hardware, created_at, updated_at) \
+                 VALUES ('ws-abc123', '0badc0de', 1000, 'u', 'stopped', '{}', 1, 1)",
+                [],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap() as usize, MIGRATIONS.len());
+        let p = s
+            .find_project(&ProjectRef::parse("app").unwrap(), Some(1000), 1000)
+            .unwrap();
+        assert_eq!((p.id.as_str(), p.workspace_count), ("0badc0de", 1));
+        // The workspaces' foreign key still points at projects, and is enforced.
+        assert!(s.delete_project(&p).is_err());
+        let conn = s.conn();
+        let orphan = conn.execute(
+            "INSERT INTO workspaces (id, project_id, owner_uid, uuid, state, hardware, created_at, updated_at) \
+             VALUES ('ws-zzz999', 'ffffffff', 1, 'v', 'stopped', '{}', 1, 1)",
+            [],
+        );
+        assert!(orphan.is_err(), "foreign keys are off after migrating");
     }
 
     #[test]
@@ -1030,7 +1122,7 @@ mod tests {
         assert!(s.get_workspace(&ws.id, Some(1001)).is_err());
         assert!(s.get_workspace(&ws.id, Some(1000)).is_ok());
         assert!(s
-            .find_project(&ProjectRef::parse("mine").unwrap(), Some(1001))
+            .find_project(&ProjectRef::parse("mine").unwrap(), Some(1001), 1001)
             .is_err());
     }
 

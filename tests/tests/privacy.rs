@@ -16,6 +16,25 @@ fn nothing_under_the_state_dir_is_readable_by_other_users() {
         .trim()
         .to_owned();
     env.ok(&["workspace", "start", &ws]);
+    // A direct-kernel-boot image: its kernel and initrd live under the state dir too.
+    let disk = env.make_disk("kb.qcow2", "qcow2", "64M");
+    let (kernel, initrd) = (
+        env.dir.path().join("vmlinuz"),
+        env.dir.path().join("initrd"),
+    );
+    std::fs::write(&kernel, b"kernel").unwrap();
+    std::fs::write(&initrd, b"initrd").unwrap();
+    env.ok(&[
+        "image",
+        "import",
+        "kb",
+        disk.to_str().unwrap(),
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+    ]);
+    assert!(env.state_dir.join("boot/kb/vmlinuz").exists());
     // An older daemon's (or an admin's) loose modes are tightened at the next start.
     std::fs::set_permissions(&env.state_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let db = env.state_dir.join("aetherd.db");

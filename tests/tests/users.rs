@@ -80,7 +80,8 @@ fn another_member_finds_none_of_alices_objects_and_an_outsider_is_refused_everyt
     // Calls without a target: listing and creating are allowed, and show only bob's own.
     let untargeted: Vec<(&str, Vec<&str>)> = vec![
         ("GetHostInfo", vec!["host", "info"]),
-        ("CreateProject", vec!["project", "create", "bob-app"]),
+        // Names are per owner: bob may have an "alice-app" too, which tells him nothing.
+        ("CreateProject", vec!["project", "create", "alice-app"]),
         ("ListProjects", vec!["-o", "json", "project", "list"]),
         ("ListWorkspaces", vec!["-o", "json", "workspace", "list"]),
         ("ListImages", vec!["image", "list"]),
@@ -116,7 +117,7 @@ fn another_member_finds_none_of_alices_objects_and_an_outsider_is_refused_everyt
         let r = env.run_as(BOB, args);
         assert_eq!(r.code, 0, "{rpc} as a member: {r:?}");
         assert!(
-            !r.stdout.contains(&ws) && !r.stdout.contains("alice-app"),
+            !r.stdout.contains(&ws) && !r.stdout.contains(&project),
             "{rpc} shows alice's objects to bob: {}",
             r.stdout
         );
@@ -162,7 +163,7 @@ fn quotas_cap_a_members_workspaces_volumes_and_running_vcpus_but_not_roots() {
     }
     let env = TestEnv::start_on_host(
         aether_tests::TEST_HOST_XML,
-        "[quota]\nworkspaces = 2\nvolume_gb = 30\nrunning_vcpus = 3\n",
+        "[quota]\nworkspaces = 2\nvolume_gb = 30\nrunning_vcpus = 3\nupload_gb = 0\n",
     );
     env.ok_as(ALICE, &["project", "create", "a"]);
     let create = |extra: &[&str]| {
@@ -210,7 +211,21 @@ fn quotas_cap_a_members_workspaces_volumes_and_running_vcpus_but_not_roots() {
     let listed = env.json(&["workspace", "list"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(2));
 
+    // upload_gb = 0: no member upload at all (one byte is past it), and nothing is kept.
+    let disk = env.make_disk("alice.qcow2", "qcow2", "64M");
+    std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let up = env.run_as(
+        ALICE,
+        &["image", "import", "alice-image", disk.to_str().unwrap()],
+    );
+    assert!(
+        up.code == 1 && up.stderr.contains("quota.upload_gb"),
+        "{up:?}"
+    );
+    assert!(!env.ok(&["image", "list"]).contains("alice-image"));
+
     // Root is not capped.
+    env.ok(&["image", "import", "root-image", disk.to_str().unwrap()]);
     env.ok(&["project", "create", "r"]);
     for _ in 0..3 {
         env.ok(&[

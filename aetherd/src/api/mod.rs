@@ -600,7 +600,7 @@ impl Aether for Service {
         &self,
         req: Request<tonic::Streaming<pb::ImportImageRequest>>,
     ) -> Reply<pb::Image> {
-        auth::caller(&req)?;
+        let caller = auth::caller(&req)?;
         let mut stream = req.into_inner();
         let header = receive_image_header(&mut stream).await?;
         // The name is reserved before anything is written: a concurrent import of it is
@@ -615,7 +615,11 @@ impl Aether for Service {
                 header.source_name,
             )
             .map_err(status)?;
-        receive_image_parts(&mut stream, &upload.dir).await?;
+        let manager = &self.manager;
+        receive_image_parts(&mut stream, &upload.dir, |total| {
+            manager.check_upload(caller, total).map_err(status)
+        })
+        .await?;
         let image = self.manager.import_image(upload).await.map_err(status)?;
         Ok(Response::new(image_to_pb(&image)))
     }
@@ -795,16 +799,18 @@ async fn receive_image_header(
 }
 
 /// Writes the parts after the header to `dir` (`kernel`, `initrd`, `disk`), enforcing the
-/// order kernel, initrd, disk.
+/// order kernel, initrd, disk; `allowed(total bytes so far)` refuses an upload grown too big.
 async fn receive_image_parts(
     stream: &mut tonic::Streaming<pb::ImportImageRequest>,
     dir: &std::path::Path,
+    allowed: impl Fn(u64) -> Result<(), Status>,
 ) -> Result<(), Status> {
     use pb::import_image_request::Part;
     use tokio::io::AsyncWriteExt;
 
     let mut stage = 0; // 1 kernel, 2 initrd, 3 disk
     let mut file: Option<tokio::fs::File> = None;
+    let mut total: u64 = 0;
     while let Some(msg) = stream.message().await? {
         let (want, name, data) = match msg.part {
             Some(Part::Kernel(d)) => (1, "kernel", d),
@@ -819,6 +825,8 @@ async fn receive_image_parts(
                 "image parts must come in the order kernel, initrd, disk",
             ));
         }
+        total = total.saturating_add(data.len() as u64);
+        allowed(total)?;
         if want > stage {
             if let Some(mut f) = file.take() {
                 f.flush()

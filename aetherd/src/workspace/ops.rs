@@ -101,6 +101,8 @@ pub struct Manager {
     admission: tokio::sync::Mutex<()>,
     /// Woken when CPUs are dedicated or released (see `repin_running`).
     repin: tokio::sync::Notify,
+    /// The group files qemu must read are given to (see `privacy`), if any.
+    qemu_gid: Option<u32>,
     /// Held from a create's quota check to its insert, so parallel creates of one user
     /// cannot all pass the check.
     creating: Mutex<()>,
@@ -112,7 +114,8 @@ impl Manager {
         let layout = Layout {
             state_dir: config.state_dir.clone(),
         };
-        layout.create(crate::privacy::qemu_gid(&config.qemu_group))?;
+        let qemu_gid = crate::privacy::qemu_gid(&config.qemu_group);
+        layout.create(qemu_gid)?;
         hv.ensure_pool(&layout.pool()).await?;
         let preferred = config
             .network_cidr
@@ -149,6 +152,7 @@ impl Manager {
             admission: tokio::sync::Mutex::new(()),
             repin: tokio::sync::Notify::new(),
             creating: Mutex::new(()),
+            qemu_gid,
             store,
             hv,
             config,
@@ -175,6 +179,20 @@ impl Manager {
             return Ok(());
         }
         self.config.quota.check(caller.uid, used, claim)
+    }
+
+    /// Refuses an image upload that has grown to `total` bytes past what `caller` may send:
+    /// a member's `quota.upload_gb`, and for anyone the largest volume plus 1 GiB (for a
+    /// kernel and initrd): no image can be larger and still be used.
+    pub fn check_upload(&self, caller: Caller, total: u64) -> Result<()> {
+        let largest = (u64::from(self.config.max_volume_size_gb) + 1) << 30;
+        if total > largest {
+            return Err(Error::invalid(format!(
+                "the upload is larger than the largest volume ({} GiB, max_volume_size_gb) can hold",
+                self.config.max_volume_size_gb
+            )));
+        }
+        self.quota(caller, 0, Claim::UploadGb(total.div_ceil(1 << 30)))
     }
 
     /// Every workspace of `uid`.
@@ -312,7 +330,7 @@ impl Manager {
 
     pub fn get_project(&self, caller: Caller, project: &str) -> Result<Project> {
         self.store
-            .find_project(&ProjectRef::parse(project)?, caller.owner())
+            .find_project(&ProjectRef::parse(project)?, caller.owner(), caller.uid)
     }
 
     pub fn delete_project(&self, caller: Caller, project: &str) -> Result<()> {
@@ -461,10 +479,10 @@ impl Manager {
         }
         self.hv.delete_volume(&root_volume_name(&ws.id)).await?;
         self.hv.delete_volume(&seed_file_name(&ws.id)).await?;
-        for path in [
-            self.layout.pool().join(seed_file_name(&ws.id)),
-            self.layout.console_log(&ws.id),
-        ] {
+        // The console log with virtlogd's rotated files, the task logs and their `.1`s.
+        files::remove_log(&self.layout.console_log(&ws.id))?;
+        self.remove_task_logs_of(&ws.id)?;
+        for path in [self.layout.pool().join(seed_file_name(&ws.id))] {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -95,7 +95,7 @@ impl Manager {
                 converted
             }
         };
-        images::prepare_for_pool(&staged)?;
+        crate::privacy::share_with_qemu(&staged, self.qemu_gid, 0o640)?;
 
         // From here on this import makes files outside its staging dir; the reservation
         // means nothing else owns them, so a failure removes them.
@@ -113,7 +113,7 @@ impl Manager {
                     dir.display()
                 )))
             })?;
-            files::set_mode(&dir, 0o755).map_err(cleanup)?;
+            crate::privacy::share_with_qemu(&dir, self.qemu_gid, 0o750).map_err(cleanup)?;
             for (from, to) in [
                 (&kernel, self.layout.kernel(name)),
                 (&initrd, self.layout.initrd(name)),
@@ -124,7 +124,7 @@ impl Manager {
                         to.display()
                     )))
                 })?;
-                files::set_mode(&to, 0o644).map_err(cleanup)?;
+                crate::privacy::share_with_qemu(&to, self.qemu_gid, 0o640).map_err(cleanup)?;
             }
         }
         // The file that becomes the pool volume, checked again right before it moves (after

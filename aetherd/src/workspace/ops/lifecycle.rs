@@ -251,6 +251,13 @@ impl Manager {
             self.set_phase(&ws.id, "booting");
             self.hv.define(&self.spec(&ws)?).await?;
             self.release_stale_leases(&ws).await;
+            // qemu appends to the console log: keep it bounded across boots.
+            let console = self.layout.console_log(&ws.id);
+            let capped =
+                tokio::task::block_in_place(|| files::cap_log(&console, files::CONSOLE_LOG_MAX));
+            if let Err(e) = capped {
+                tracing::warn!(workspace = %ws.id, error = %e, "cannot cap the console log");
+            }
             self.hv.start(&ws.id).await?;
             // The CPUs dedicated elsewhere may have changed since its XML was written.
             self.cpus_changed();

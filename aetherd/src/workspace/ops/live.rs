@@ -117,6 +117,23 @@ impl Manager {
     /// was active starts its idle clock now).
     pub fn start_background(self: &Arc<Self>) -> Result<()> {
         self.watch_events();
+        // While VMs run, their console logs grow: cut any past the cap once a minute (a few
+        // stat calls; virtlogd, when libvirt uses it, rotates them sooner anyway).
+        let console = self.layout.console_dir();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                let dir = console.clone();
+                let cut = tokio::task::spawn_blocking(move || {
+                    crate::files::cap_logs_in(&dir, crate::files::CONSOLE_LOG_MAX)
+                })
+                .await;
+                if let Ok(Err(e)) = cut {
+                    tracing::warn!(error = %e, "cannot cap the console logs");
+                }
+            }
+        });
         let rx = self
             .idle_rx
             .lock()

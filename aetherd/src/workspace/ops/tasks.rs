@@ -630,6 +630,19 @@ impl Manager {
     ) -> Result<(TaskRow, broadcast::Receiver<Frame>)> {
         let remote = remote_command(spec)?;
         let (ws, ip) = self.running_with_address(caller, &spec.workspace)?;
+        let owned: std::collections::HashSet<WorkspaceId> = self
+            .owned_by(ws.owner_uid)?
+            .into_iter()
+            .map(|w| w.id)
+            .collect();
+        let running = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|t| owned.contains(&t.workspace))
+            .count();
+        self.quota(caller, running as u64, crate::quota::Claim::Tasks(1))?;
         // Also creates the tasks dir.
         let mut ssh = self.daemon_ssh(&ws, ip, &remote)?;
         let id = new_task_id();
