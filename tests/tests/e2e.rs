@@ -110,7 +110,9 @@ fn a_guest_that_never_answers_ssh_ends_in_error_with_a_reason() {
     assert_eq!(w["state"], "error");
     let reason = w["reason"].as_str().unwrap();
     assert!(
-        reason.contains("did not answer SSH") && reason.contains("within 15 s"),
+        reason.contains("did not answer SSH")
+            && reason.contains("within 15 s")
+            && reason.contains("no lease"),
         "{reason}"
     );
     assert!(r.stderr.contains(reason), "{r:?}");

@@ -388,7 +388,7 @@ impl Manager {
                     )
                 } else if lease == LeaseCheck::Missing {
                     format!(
-                        "the guest did not ask for its address {ip} by DHCP (no lease) within {} s",
+                        "the guest did not answer SSH on {ip}:22 within {} s; it never asked for that address by DHCP (no lease)",
                         timeout.as_secs()
                     )
                 } else {
