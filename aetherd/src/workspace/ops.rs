@@ -394,13 +394,9 @@ impl Manager {
         let creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
         let mine = self.owned_by(caller.uid)?;
         self.quota(caller, mine.len() as u64, Claim::Workspaces(1))?;
-        let volumes: u64 = mine
-            .iter()
-            .map(|w| u64::from(w.hardware.volume_size_gb))
-            .sum();
         self.quota(
             caller,
-            volumes,
+            volume_gb(&mine),
             Claim::VolumeGb(u64::from(hardware.volume_size_gb)),
         )?;
         let ws = self.store.insert_workspace(&NewWorkspace {
@@ -609,14 +605,9 @@ impl Manager {
         let base = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
         let wanted = base.with(req, &self.limits())?;
         if wanted.volume_size_gb > ws.hardware.volume_size_gb {
-            let volumes: u64 = self
-                .owned_by(ws.owner_uid)?
-                .iter()
-                .map(|w| u64::from(w.hardware.volume_size_gb))
-                .sum();
             self.quota(
                 caller,
-                volumes,
+                volume_gb(&self.owned_by(ws.owner_uid)?),
                 Claim::VolumeGb(u64::from(
                     wanted.volume_size_gb - ws.hardware.volume_size_gb,
                 )),
@@ -688,6 +679,14 @@ impl Manager {
             Ok(updated)
         }
     }
+}
+
+/// GiB of the root volumes of `workspaces`, together (what `quota.volume_gb` caps).
+fn volume_gb(workspaces: &[Workspace]) -> u64 {
+    workspaces
+        .iter()
+        .map(|w| u64::from(w.hardware.volume_size_gb))
+        .sum()
 }
 
 fn log_background(id: &WorkspaceId, what: &str, result: Result<Workspace>) {
