@@ -101,6 +101,10 @@ pub struct Manager {
     admission: tokio::sync::Mutex<()>,
     /// Woken when CPUs are dedicated or released (see `repin_running`).
     repin: tokio::sync::Notify,
+    /// Domain starts in flight at once: libvirt launches qemu and instantiates a NIC's
+    /// network filter per start, and twelve at once took one `virDomainCreate` past the
+    /// call timeout. The rest wait here (phase `booting`), not inside libvirt.
+    boot_slots: tokio::sync::Semaphore,
     /// The group files qemu must read are given to (see `privacy`), if any.
     qemu_gid: Option<u32>,
     /// Held from a create's quota check to its insert, so parallel creates of one user
@@ -152,6 +156,7 @@ impl Manager {
             admission: tokio::sync::Mutex::new(()),
             repin: tokio::sync::Notify::new(),
             creating: Mutex::new(()),
+            boot_slots: tokio::sync::Semaphore::new(BOOT_SLOTS),
             qemu_gid,
             store,
             hv,
@@ -680,6 +685,9 @@ impl Manager {
         }
     }
 }
+
+/// How many domains are started at once (see `Manager::boot_slots`).
+const BOOT_SLOTS: usize = 2;
 
 /// GiB of the root volumes of `workspaces`, together (what `quota.volume_gb` caps).
 fn volume_gb(workspaces: &[Workspace]) -> u64 {

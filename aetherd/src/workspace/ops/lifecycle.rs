@@ -249,6 +249,15 @@ impl Manager {
         let _guard = lock.lock().await;
         let booted = async {
             self.set_phase(&ws.id, "booting");
+            let slot = self
+                .boot_slots
+                .acquire()
+                .await
+                .map_err(|_| Error::Internal("the daemon is shutting down".into()))?;
+            // A stop or delete while it waited for a slot wins: boot nothing.
+            if self.store.get_workspace(&ws.id, None)?.generation != ws.generation {
+                return Ok(Readiness::Superseded);
+            }
             self.hv.define(&self.spec(&ws)?).await?;
             self.release_stale_leases(&ws).await;
             // qemu appends to the console log: keep it bounded across boots.
@@ -259,6 +268,7 @@ impl Manager {
                 tracing::warn!(workspace = %ws.id, error = %e, "cannot cap the console log");
             }
             self.hv.start(&ws.id).await?;
+            drop(slot);
             // The CPUs dedicated elsewhere may have changed since its XML was written.
             self.cpus_changed();
             self.wait_ready(&ws).await
