@@ -357,6 +357,14 @@ impl TestEnv {
         r.stderr.trim_end().to_owned()
     }
 
+    /// Creates project `project` and a workspace in it with the defaults; returns its id.
+    pub fn workspace_in_new_project(&self, project: &str) -> String {
+        self.ok(&["project", "create", project]);
+        self.ok(&["workspace", "create", "--project", project])
+            .trim()
+            .to_owned()
+    }
+
     /// Runs the CLI with `-o json`, asserts success, parses stdout.
     pub fn json(&self, args: &[&str]) -> Value {
         let mut all = vec!["-o", "json"];

@@ -33,11 +33,7 @@ fn lines(from: u64, len: usize) -> Vec<u8> {
 #[test]
 fn console_log_reads_are_capped_and_read_only_the_tail() {
     let env = TestEnv::start();
-    env.ok(&["project", "create", "t"]);
-    let ws = env
-        .ok(&["workspace", "create", "--project", "t"])
-        .trim()
-        .to_owned();
+    let ws = env.workspace_in_new_project("t");
     // 512 MiB: a sparse head (what a guest printing for weeks leaves) and 4 MiB of lines.
     let path = env.state_dir.join("console").join(format!("{ws}.log"));
     let tail = lines(0, (4 * MIB) as usize);
@@ -92,11 +88,7 @@ fn console_log_reads_are_capped_and_read_only_the_tail() {
 #[test]
 fn console_log_tail_continues_into_the_rotated_file() {
     let env = TestEnv::start();
-    env.ok(&["project", "create", "t"]);
-    let ws = env
-        .ok(&["workspace", "create", "--project", "t"])
-        .trim()
-        .to_owned();
+    let ws = env.workspace_in_new_project("t");
     // As virtlogd leaves it just after a rotation: the recent past in `.0`, little in the
     // current file.
     let dir = env.state_dir.join("console");

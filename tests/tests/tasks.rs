@@ -6,11 +6,7 @@ use aether_tests::TestEnv;
 #[test]
 fn exec_is_refused_unless_running_and_validated_first() {
     let env = TestEnv::start();
-    env.ok(&["project", "create", "t"]);
-    let ws = env
-        .ok(&["workspace", "create", "--project", "t"])
-        .trim()
-        .to_owned();
+    let ws = env.workspace_in_new_project("t");
     // Bad input is refused before anything happens: the stopped workspace is not started.
     let err = env.fail(&["workspace", "exec", &ws, "--env", "1BAD=x", "--", "true"]);
     assert!(

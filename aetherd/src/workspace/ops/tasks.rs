@@ -903,19 +903,24 @@ mod tests {
             .collect()
     }
 
+    /// Output bytes carried by `frames`.
+    fn payload(frames: &[Frame]) -> usize {
+        frames
+            .iter()
+            .map(|f| match f {
+                Frame::Stdout(d) | Frame::Stderr(d) => d.len(),
+                Frame::End { .. } => 0,
+            })
+            .sum()
+    }
+
     /// Steps `r` until it waits or ends; returns the frames and the last step's kind.
     fn drain(r: &mut ReaderState) -> (Vec<Frame>, &'static str) {
         let mut all = Vec::new();
         loop {
             match r.step().unwrap() {
                 Step::Frames(f) => {
-                    let bytes: usize = f
-                        .iter()
-                        .map(|f| match f {
-                            Frame::Stdout(d) | Frame::Stderr(d) => d.len(),
-                            Frame::End { .. } => 0,
-                        })
-                        .sum();
+                    let bytes = payload(&f);
                     assert!(
                         bytes <= LOG_CHUNK + MAX_FRAME,
                         "one step returned {bytes} bytes"
@@ -990,13 +995,7 @@ mod tests {
         loop {
             match r.step().unwrap() {
                 Step::Frames(f) => {
-                    let bytes: usize = f
-                        .iter()
-                        .map(|f| match f {
-                            Frame::Stdout(d) | Frame::Stderr(d) => d.len(),
-                            Frame::End { .. } => 0,
-                        })
-                        .sum();
+                    let bytes = payload(&f);
                     assert!(bytes <= LOG_CHUNK + MAX_FRAME, "{bytes}");
                     assert!(r.buf.len() < MAX_FRAME + 5, "buffered {}", r.buf.len());
                     total += bytes;
