@@ -101,9 +101,9 @@ enum TaskCmd {
 #[derive(Subcommand, Debug)]
 enum ImageCmd {
     /// Import a qcow2 or raw disk image (raw is converted to qcow2) from a file or an
-    /// http(s) URL.
+    /// http(s) URL. Root's images are shared with everyone; a member's are its own.
     Import {
-        /// 1-63 lowercase letters, digits, '.', '_' and '-'.
+        /// 1-63 lowercase letters, digits, '.', '_' and '-'; unique per owner.
         name: String,
         /// File path or http(s) URL of the disk image.
         source: String,
@@ -120,10 +120,14 @@ enum ImageCmd {
         #[arg(long, value_name = "MODE")]
         boot: Option<String>,
     },
-    /// List images: NAME FORMAT SIZE BOOT IN-USE CREATED.
+    /// List your own images and the shared ones (root: all): NAME OWNER FORMAT SIZE BOOT
+    /// IN-USE CREATED. NAME is the image's id: NAME@UID for a member's own image.
     List,
-    /// Delete an image (refused while a workspace uses it).
-    Delete { name: String },
+    /// Delete one of your images (root: any), refused while a workspace uses it.
+    Delete {
+        /// A name (your own image, else the shared one) or NAME@UID.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -161,7 +165,8 @@ enum WorkspaceCmd {
         /// Project id or name [default: the current project].
         #[arg(long)]
         project: Option<String>,
-        /// Image to boot (see `aether image list`) [default: the daemon's default_image].
+        /// Image to boot: a name (your own image, else the shared one) or NAME@UID (see
+        /// `aether image list`) [default: the daemon's default_image].
         #[arg(long)]
         image: Option<String>,
         #[command(flatten)]

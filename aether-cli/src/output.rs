@@ -320,7 +320,8 @@ pub fn image_table(list: &[pb::Image]) -> String {
         .iter()
         .map(|i| {
             vec![
-                i.name.clone(),
+                i.id.clone(),
+                image_owner(i.owner_uid),
                 i.format.clone(),
                 size(i.virtual_size_bytes),
                 boot_mode_name(i.boot_mode).to_owned(),
@@ -330,14 +331,29 @@ pub fn image_table(list: &[pb::Image]) -> String {
         })
         .collect();
     table(
-        &["NAME", "FORMAT", "SIZE", "BOOT", "IN-USE", "CREATED"],
+        &[
+            "NAME", "OWNER", "FORMAT", "SIZE", "BOOT", "IN-USE", "CREATED",
+        ],
         &rows,
     )
 }
 
+/// "shared" for root's images, else the owner's user name (or uid).
+fn image_owner(uid: u32) -> String {
+    if uid == 0 {
+        return "shared".to_owned();
+    }
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(u)) => u.name,
+        _ => uid.to_string(),
+    }
+}
+
 pub fn image_json(i: &pb::Image) -> Value {
     json!({
+        "id": i.id,
         "name": i.name,
+        "owner_uid": i.owner_uid,
         "format": i.format,
         "virtual_size_bytes": i.virtual_size_bytes,
         "disk_size_bytes": i.disk_size_bytes,

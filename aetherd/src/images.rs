@@ -9,9 +9,9 @@
 //! truncated, virtual size at most the largest volume), then `qemu-img info` and, for
 //! qcow2, `qemu-img check` must agree. Every `qemu-img` call names the format (`-f`), runs
 //! under address-space, CPU-time and wall-clock limits, and gets an argument list. Raw is
-//! converted to qcow2, and the file that goes into the pool (`image-<name>.qcow2`) is checked
+//! converted to qcow2, and the file that goes into the pool (`image-<id>.qcow2`, see [`ImageId`]) is checked
 //! again right before it moves there. Kernel and initrd of a direct-kernel-boot image live in
-//! `<state>/boot/<name>/`. Every path is built from a validated image name.
+//! `<state>/boot/<id>/`. Every path is built from a validated image id.
 
 use std::ffi::OsStr;
 use std::os::unix::process::ExitStatusExt;
@@ -78,11 +78,6 @@ impl ImageName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// File name of the base volume in the pool.
-    pub fn volume_name(&self) -> String {
-        format!("image-{}.qcow2", self.0)
-    }
 }
 
 impl std::fmt::Display for ImageName {
@@ -91,10 +86,67 @@ impl std::fmt::Display for ImageName {
     }
 }
 
+/// Which image a name means: images belong to their importer, and names are unique per
+/// owner. Root's images are shared with everyone and keep their plain name as id; a member's
+/// image is `NAME@UID` (`@` is not allowed in a name, so no id of one owner can be another's).
+/// The id names the image's files and is what a workspace records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageId {
+    name: ImageName,
+    owner_uid: u32,
+}
+
+impl ImageId {
+    pub fn new(name: ImageName, owner_uid: u32) -> Self {
+        Self { name, owner_uid }
+    }
+
+    /// Parses `NAME` (root's) or `NAME@UID`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.split_once('@') {
+            None => Ok(Self::new(ImageName::parse(s)?, 0)),
+            Some((name, uid)) => {
+                let owner_uid = uid
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|u| *u != 0 && !uid.starts_with('0') && !uid.starts_with('+'))
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "invalid image id {s:?}: use NAME, or NAME@UID for a user's own image"
+                        ))
+                    })?;
+                Ok(Self::new(ImageName::parse(name)?, owner_uid))
+            }
+        }
+    }
+
+    pub fn name(&self) -> &ImageName {
+        &self.name
+    }
+
+    pub fn owner_uid(&self) -> u32 {
+        self.owner_uid
+    }
+
+    /// File name of the base volume in the pool.
+    pub fn volume_name(&self) -> String {
+        format!("image-{self}.qcow2")
+    }
+}
+
+impl std::fmt::Display for ImageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.owner_uid {
+            0 => write!(f, "{}", self.name),
+            uid => write!(f, "{}@{uid}", self.name),
+        }
+    }
+}
+
 /// An image as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Image {
-    pub name: ImageName,
+    pub id: ImageId,
     pub boot_mode: BootMode,
     pub cmdline: String,
     pub virtual_size: u64,
@@ -824,15 +876,15 @@ impl Layout {
         self.state_dir.join("pool")
     }
 
-    pub fn boot_dir(&self, image: &ImageName) -> PathBuf {
-        self.state_dir.join("boot").join(image.as_str())
+    pub fn boot_dir(&self, image: &ImageId) -> PathBuf {
+        self.state_dir.join("boot").join(image.to_string())
     }
 
-    pub fn kernel(&self, image: &ImageName) -> PathBuf {
+    pub fn kernel(&self, image: &ImageId) -> PathBuf {
         self.boot_dir(image).join("vmlinuz")
     }
 
-    pub fn initrd(&self, image: &ImageName) -> PathBuf {
+    pub fn initrd(&self, image: &ImageId) -> PathBuf {
         self.boot_dir(image).join("initrd.img")
     }
 
@@ -912,10 +964,30 @@ mod tests {
         for bad in ["", ".hidden", "../x", "a/b", "A", &"a".repeat(64)] {
             assert!(ImageName::parse(bad).is_err(), "{bad}");
         }
-        assert_eq!(
-            ImageName::parse("d").unwrap().volume_name(),
-            "image-d.qcow2"
-        );
+    }
+
+    #[test]
+    fn ids_name_the_owner_except_for_root() {
+        let id = |name: &str, uid| ImageId::new(ImageName::parse(name).unwrap(), uid);
+        assert_eq!(id("d", 0).volume_name(), "image-d.qcow2");
+        assert_eq!(id("d", 1000).volume_name(), "image-d@1000.qcow2");
+        for (s, want) in [("d", id("d", 0)), ("d@1000", id("d", 1000))] {
+            assert_eq!(ImageId::parse(s).unwrap(), want, "{s}");
+            assert_eq!(want.to_string(), s);
+        }
+        for bad in [
+            "d@",
+            "d@0",
+            "d@01",
+            "d@+5",
+            "d@x",
+            "@5",
+            "d@5@6",
+            "d@99999999999",
+            "../d@5",
+        ] {
+            assert!(ImageId::parse(bad).is_err(), "{bad}");
+        }
     }
 
     /// `qemu-img info --output=json` of a clean qcow2 at /s/disk, with `extra` fields and

@@ -12,10 +12,10 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+use rusqlite::{named_params, params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use crate::error::{Error, Result};
-use crate::images::{BootMode, Image, ImageName};
+use crate::images::{BootMode, Image, ImageId, ImageName};
 use crate::model::{Hardware, ProjectId, ProjectName, ProjectRef, WorkspaceId};
 use crate::workspace::state::State;
 
@@ -107,6 +107,68 @@ const MIGRATIONS: &[&str] = &[
         SELECT id, name, owner_uid, created_at FROM projects;
     DROP TABLE projects;
     ALTER TABLE projects_new RENAME TO projects;",
+    // 10: images belong to their importer, names unique per owner (root's are shared). An
+    // image's id names its files and is what a workspace refers to: the plain name for
+    // root's (every image so far was host-wide, so they become root's, files unchanged),
+    // NAME@UID for a member's. Workspaces are rebuilt for their foreign key to the id.
+    "CREATE TABLE images_new (
+        id           TEXT PRIMARY KEY,
+        owner_uid    INTEGER NOT NULL,
+        name         TEXT NOT NULL,
+        boot_mode    TEXT NOT NULL CHECK (boot_mode IN ('bios','uefi','kernel')),
+        cmdline      TEXT NOT NULL DEFAULT '',
+        virtual_size INTEGER NOT NULL,
+        disk_size    INTEGER NOT NULL,
+        created_at   INTEGER NOT NULL,
+        UNIQUE (owner_uid, name)
+    );
+    INSERT INTO images_new (id, owner_uid, name, boot_mode, cmdline, virtual_size, disk_size,
+                            created_at)
+        SELECT name, 0, name, boot_mode, cmdline, virtual_size, disk_size, created_at FROM images;
+    DROP TABLE images;
+    ALTER TABLE images_new RENAME TO images;
+    DROP TABLE image_reservations;
+    CREATE TABLE image_reservations (
+        id         TEXT PRIMARY KEY,
+        state      TEXT NOT NULL CHECK (state IN ('importing','deleting')),
+        token      TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE workspaces_new (
+        id                  TEXT PRIMARY KEY,
+        project_id          TEXT NOT NULL REFERENCES projects(id),
+        owner_uid           INTEGER NOT NULL,
+        uuid                TEXT NOT NULL UNIQUE,
+        state               TEXT NOT NULL CHECK (state IN
+                              ('stopped','starting','running','stopping','error','stop_failed')),
+        generation          INTEGER NOT NULL DEFAULT 0,
+        reason              TEXT NOT NULL DEFAULT '',
+        hardware            TEXT NOT NULL,
+        pending_hardware    TEXT,
+        created_at          INTEGER NOT NULL,
+        updated_at          INTEGER NOT NULL,
+        image               TEXT REFERENCES images(id),
+        login_user          TEXT NOT NULL DEFAULT '',
+        ssh_host_public_key TEXT NOT NULL DEFAULT '',
+        mac                 TEXT,
+        ip                  TEXT,
+        idle_timeout_secs   INTEGER,
+        idle_since          INTEGER,
+        dedicated_cpus      TEXT,
+        gpu_device          TEXT
+    );
+    INSERT INTO workspaces_new (id, project_id, owner_uid, uuid, state, generation, reason,
+            hardware, pending_hardware, created_at, updated_at, image, login_user,
+            ssh_host_public_key, mac, ip, idle_timeout_secs, idle_since, dedicated_cpus,
+            gpu_device)
+        SELECT id, project_id, owner_uid, uuid, state, generation, reason, hardware,
+            pending_hardware, created_at, updated_at, image, login_user, ssh_host_public_key,
+            mac, ip, idle_timeout_secs, idle_since, dedicated_cpus, gpu_device FROM workspaces;
+    DROP TABLE workspaces;
+    ALTER TABLE workspaces_new RENAME TO workspaces;
+    CREATE INDEX workspaces_project ON workspaces(project_id);
+    CREATE UNIQUE INDEX workspaces_mac ON workspaces(mac);
+    CREATE UNIQUE INDEX workspaces_ip ON workspaces(ip);",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -621,18 +683,22 @@ fn read_workspace(conn: &Connection, id: &WorkspaceId, owner: Owner) -> Result<W
     .ok_or_else(|| Error::not_found("workspace", id.as_str()))
 }
 
-const IMAGE_QUERY: &str = "SELECT i.name, i.boot_mode, i.cmdline, i.virtual_size, i.disk_size, \
-     i.created_at, (SELECT COUNT(*) FROM workspaces w WHERE w.image = i.name) FROM images i";
+/// Images with the number of workspaces using each; `:viewer` is the caller's uid (only
+/// their workspaces are counted) or NULL for an admin (all are).
+const IMAGE_QUERY: &str = "SELECT i.name, i.owner_uid, i.boot_mode, i.cmdline, i.virtual_size, \
+     i.disk_size, i.created_at, (SELECT COUNT(*) FROM workspaces w WHERE w.image = i.id \
+     AND (:viewer IS NULL OR w.owner_uid = :viewer)) FROM images i";
 
 fn image_from_row(r: &Row<'_>) -> rusqlite::Result<Image> {
+    let name = ImageName::parse(&r.get::<_, String>(0)?).map_err(|e| corrupt("image name", e))?;
     Ok(Image {
-        name: ImageName::parse(&r.get::<_, String>(0)?).map_err(|e| corrupt("image name", e))?,
-        boot_mode: BootMode::parse(&r.get::<_, String>(1)?).map_err(|e| corrupt("boot mode", e))?,
-        cmdline: r.get(2)?,
-        virtual_size: r.get::<_, i64>(3)? as u64,
-        disk_size: r.get::<_, i64>(4)? as u64,
-        created_at: r.get(5)?,
-        in_use: r.get(6)?,
+        id: ImageId::new(name, r.get(1)?),
+        boot_mode: BootMode::parse(&r.get::<_, String>(2)?).map_err(|e| corrupt("boot mode", e))?,
+        cmdline: r.get(3)?,
+        virtual_size: r.get::<_, i64>(4)? as u64,
+        disk_size: r.get::<_, i64>(5)? as u64,
+        created_at: r.get(6)?,
+        in_use: r.get(7)?,
     })
 }
 
@@ -673,47 +739,52 @@ fn random_token() -> String {
 }
 
 /// Refuses `name` if an import or delete holds it; `Ok` when it is free.
-fn check_unreserved(tx: &Connection, name: &ImageName) -> Result<()> {
+fn check_unreserved(tx: &Connection, name: &ImageId) -> Result<()> {
     let held: Option<String> = tx
         .query_row(
-            "SELECT state FROM image_reservations WHERE name = ?1",
-            [name.as_str()],
+            "SELECT state FROM image_reservations WHERE id = ?1",
+            [name.to_string()],
             |r| r.get(0),
         )
         .optional()?;
     match held.as_deref() {
         None => Ok(()),
         Some("deleting") => Err(Error::AlreadyExists(format!(
-            "image {name} is being deleted"
+            "image {} is being deleted",
+            name.name()
         ))),
         Some(_) => Err(Error::AlreadyExists(format!(
-            "image {name} is being imported"
+            "image {} is being imported",
+            name.name()
         ))),
     }
 }
 
 impl Store {
-    /// Reserves `name` for an import before any of its files is written: refused at once
-    /// (`AlreadyExists`) while the image exists or another import or delete holds the name.
+    /// Reserves image `id` for an import before any of its files is written: refused at once
+    /// (`AlreadyExists`) while the image exists or another import or delete holds it.
     /// Returns the reservation's token, which [`Store::finish_image_import`] and
     /// [`Store::release_image`] need.
-    pub fn reserve_image_import(&self, name: &ImageName) -> Result<String> {
+    pub fn reserve_image_import(&self, id: &ImageId) -> Result<String> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let exists: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM images WHERE name = ?1)",
-            [name.as_str()],
+            "SELECT EXISTS (SELECT 1 FROM images WHERE id = ?1)",
+            [id.to_string()],
             |r| r.get(0),
         )?;
         if exists {
-            return Err(Error::AlreadyExists(format!("image {name} already exists")));
+            return Err(Error::AlreadyExists(format!(
+                "image {} already exists",
+                id.name()
+            )));
         }
-        check_unreserved(&tx, name)?;
+        check_unreserved(&tx, id)?;
         let token = random_token();
         tx.execute(
-            "INSERT INTO image_reservations (name, state, token, created_at) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO image_reservations (id, state, token, created_at) VALUES (?1, ?2, ?3, ?4)",
             params![
-                name.as_str(),
+                id.to_string(),
                 ImageReservation::Importing.as_str(),
                 token,
                 now()
@@ -728,21 +799,24 @@ impl Store {
     pub fn finish_image_import(&self, image: &Image, token: &str) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id = image.id.to_string();
         let held = tx.execute(
-            "DELETE FROM image_reservations WHERE name = ?1 AND token = ?2 AND state = 'importing'",
-            params![image.name.as_str(), token],
+            "DELETE FROM image_reservations WHERE id = ?1 AND token = ?2 AND state = 'importing'",
+            params![id, token],
         )?;
         if held != 1 {
             return Err(Error::Internal(format!(
-                "the import of image {} lost its reservation",
-                image.name
+                "the import of image {id} lost its reservation"
             )));
         }
         let res = tx.execute(
-            "INSERT INTO images (name, boot_mode, cmdline, virtual_size, disk_size, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO images (id, owner_uid, name, boot_mode, cmdline, virtual_size, disk_size,
+                                 created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
-                image.name.as_str(),
+                id,
+                image.id.owner_uid(),
+                image.id.name().as_str(),
                 image.boot_mode.as_str(),
                 image.cmdline,
                 image.virtual_size as i64,
@@ -757,7 +831,7 @@ impl Store {
             {
                 return Err(Error::AlreadyExists(format!(
                     "image {} already exists",
-                    image.name
+                    image.id.name()
                 )))
             }
             Err(e) => return Err(e.into()),
@@ -766,63 +840,97 @@ impl Store {
         Ok(())
     }
 
-    /// Gives up the reservation of `name` held by `token` (nothing if it is not held by it).
-    pub fn release_image(&self, name: &ImageName, token: &str) -> Result<()> {
+    /// Gives up the reservation of `id` held by `token` (nothing if it is not held by it).
+    pub fn release_image(&self, id: &ImageId, token: &str) -> Result<()> {
         self.conn().execute(
-            "DELETE FROM image_reservations WHERE name = ?1 AND token = ?2",
-            params![name.as_str(), token],
+            "DELETE FROM image_reservations WHERE id = ?1 AND token = ?2",
+            params![id.to_string(), token],
         )?;
         Ok(())
     }
 
-    pub fn get_image(&self, name: &ImageName) -> Result<Image> {
+    /// The image with id `id`, whoever owns it (for the daemon's own use, e.g. a workspace's
+    /// recorded image); its `in_use` counts every workspace.
+    pub fn get_image(&self, id: &ImageId) -> Result<Image> {
         self.conn()
             .query_row(
-                &format!("{IMAGE_QUERY} WHERE i.name = ?1"),
-                [name.as_str()],
+                &format!("{IMAGE_QUERY} WHERE i.id = :id"),
+                named_params! { ":viewer": None::<u32>, ":id": id.to_string() },
                 image_from_row,
             )
             .optional()?
-            .ok_or_else(|| Error::not_found("image", name.as_str()))
+            .ok_or_else(|| Error::not_found("image", id.to_string()))
     }
 
-    pub fn list_images(&self) -> Result<Vec<Image>> {
+    /// The image `reference` means to a caller (`viewer`: `None` for an admin): `NAME@UID`
+    /// is that image, found only by its owner or an admin; a plain name is the caller's own
+    /// image of that name, else the shared one (root's). Anything else is not found, so no
+    /// one learns another user's image names.
+    pub fn resolve_image(&self, reference: &str, viewer: Owner) -> Result<Image> {
+        let id = ImageId::parse(reference)?;
+        let not_found = || Error::not_found("image", reference);
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("{IMAGE_QUERY} ORDER BY i.name"))?;
-        let rows = stmt.query_map([], image_from_row)?;
+        let found = if reference.contains('@') {
+            if viewer.is_some_and(|uid| uid != id.owner_uid()) {
+                return Err(not_found());
+            }
+            conn.query_row(
+                &format!("{IMAGE_QUERY} WHERE i.id = :id"),
+                named_params! { ":viewer": viewer, ":id": id.to_string() },
+                image_from_row,
+            )
+        } else {
+            conn.query_row(
+                &format!(
+                    "{IMAGE_QUERY} WHERE i.name = :name AND i.owner_uid IN (0, :viewer) \
+                     ORDER BY i.owner_uid = 0 LIMIT 1"
+                ),
+                named_params! { ":viewer": viewer, ":name": reference },
+                image_from_row,
+            )
+        };
+        found.optional()?.ok_or_else(not_found)
+    }
+
+    /// The images a caller sees (`viewer`: `None` for an admin, who sees all): their own
+    /// and the shared ones.
+    pub fn list_images(&self, viewer: Owner) -> Result<Vec<Image>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "{IMAGE_QUERY} WHERE :viewer IS NULL OR i.owner_uid IN (0, :viewer) \
+             ORDER BY i.name, i.owner_uid"
+        ))?;
+        let rows = stmt.query_map(named_params! { ":viewer": viewer }, image_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Deletes an image row, refused while a workspace uses it, and reserves the name until
+    /// Deletes an image row, refused while a workspace uses it, and reserves the id until
     /// the caller has removed the files and calls [`Store::release_image`] with the token
-    /// returned (so an import of the same name cannot write them meanwhile).
-    pub fn delete_image(&self, name: &ImageName) -> Result<String> {
+    /// returned (so an import of the same image cannot write them meanwhile).
+    pub fn delete_image(&self, id: &ImageId) -> Result<String> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        check_unreserved(&tx, name)?;
+        check_unreserved(&tx, id)?;
+        let key = id.to_string();
         let users: Vec<String> = {
             let mut stmt = tx.prepare("SELECT id FROM workspaces WHERE image = ?1 ORDER BY id")?;
-            let rows = stmt.query_map([name.as_str()], |r| r.get(0))?;
+            let rows = stmt.query_map([&key], |r| r.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
         if !users.is_empty() {
             return Err(Error::precondition(format!(
-                "image {name} is used by {}; delete those workspaces first",
+                "image {} is used by {}; delete those workspaces first",
+                id.name(),
                 users.join(", ")
             )));
         }
-        if tx.execute("DELETE FROM images WHERE name = ?1", [name.as_str()])? == 0 {
-            return Err(Error::not_found("image", name.as_str()));
+        if tx.execute("DELETE FROM images WHERE id = ?1", [&key])? == 0 {
+            return Err(Error::not_found("image", &key));
         }
         let token = random_token();
         tx.execute(
-            "INSERT INTO image_reservations (name, state, token, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![
-                name.as_str(),
-                ImageReservation::Deleting.as_str(),
-                token,
-                now()
-            ],
+            "INSERT INTO image_reservations (id, state, token, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![key, ImageReservation::Deleting.as_str(), token, now()],
         )?;
         tx.commit()?;
         Ok(token)
@@ -1113,6 +1221,68 @@ mod tests {
     }
 
     #[test]
+    fn the_image_rebuild_makes_old_images_shared_and_keeps_their_workspaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            // A database as the daemon left it at schema 9: one image, used by a workspace
+            // that has a task.
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..9] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 9).unwrap();
+            tx.execute_batch(&format!(
+                "INSERT INTO images (name, boot_mode, virtual_size, disk_size, created_at)
+                     VALUES ('deb', 'kernel', 1, 1, 1);
+                 INSERT INTO projects (id, name, owner_uid, created_at)
+                     VALUES ('0badc0de', 'app', 1000, 1);
+                 INSERT INTO workspaces (id, project_id, owner_uid, uuid, state, hardware,
+                     created_at, updated_at, image, mac, ip, gpu_device)
+                     VALUES ('ws-abc123', '0badc0de', 1000, 'u', 'running', '{0}', 1, 1, 'deb',
+                             '52:54:00:00:00:01', '10.0.0.2', 'pci_0000_01_00_0');
+                 INSERT INTO tasks (id, workspace_id, argv, state, started_at)
+                     VALUES ('t1', 'ws-abc123', '[]', 'running', 1);",
+                hardware_json(&Hardware::DEFAULT)
+            ))
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let image = s.resolve_image("deb", Some(1000)).unwrap();
+        assert_eq!((image.id.to_string(), image.in_use), ("deb".to_owned(), 1));
+        assert_eq!(image.boot_mode, BootMode::Kernel);
+        let ws = s
+            .get_workspace(&WorkspaceId::parse("ws-abc123").unwrap(), None)
+            .unwrap();
+        assert_eq!(ws.image.as_deref(), Some("deb"));
+        assert_eq!(ws.state, State::Running);
+        assert_eq!(ws.gpu_device.as_deref(), Some("pci_0000_01_00_0"));
+        assert_eq!(ws.ip, Some("10.0.0.2".parse().unwrap()));
+        let conn = s.conn();
+        let tasks: i64 = conn
+            .query_row("SELECT COUNT(*) FROM tasks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            tasks, 1,
+            "dropping the old workspaces table cascaded to its tasks"
+        );
+        // The workspace's image is a foreign key to the image's id, enforced.
+        let dangling = conn.execute("UPDATE workspaces SET image = 'nope'", []);
+        assert!(dangling.is_err(), "the image foreign key is not enforced");
+        let unique_ip = conn.execute(
+            "INSERT INTO workspaces (id, project_id, owner_uid, uuid, state, hardware, created_at, updated_at, ip) \
+             VALUES ('ws-zzz999', '0badc0de', 1, 'v', 'stopped', '{}', 1, 1, '10.0.0.2')",
+            [],
+        );
+        assert!(
+            unique_ip.is_err(),
+            "the rebuild lost the unique address index"
+        );
+    }
+
+    #[test]
     fn owner_filter_hides_other_users_rows() {
         let (_d, s) = store();
         let p = project(&s, "mine");
@@ -1204,9 +1374,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let s = Store::open(&path).unwrap();
-        let name = ImageName::parse("img").unwrap();
+        let name = ImageId::parse("img").unwrap();
         let image = Image {
-            name: name.clone(),
+            id: name.clone(),
             boot_mode: BootMode::Bios,
             cmdline: String::new(),
             virtual_size: 1 << 30,
@@ -1219,24 +1389,28 @@ mod tests {
         assert!(matches!(e, Error::AlreadyExists(_)), "{e:?}");
         assert_eq!(e.to_string(), "image img is being imported");
         // A reservation is not an image.
-        assert!(s.list_images().unwrap().is_empty());
+        assert!(s.list_images(None).unwrap().is_empty());
         assert!(s.get_image(&name).is_err());
         // Only its holder finishes or releases it.
         assert!(s.finish_image_import(&image, "not-the-token").is_err());
         s.release_image(&name, "not-the-token").unwrap();
         assert!(s.reserve_image_import(&name).is_err());
         s.finish_image_import(&image, &token).unwrap();
-        assert_eq!(s.list_images().unwrap(), vec![image.clone()]);
+        assert_eq!(s.list_images(None).unwrap(), vec![image.clone()]);
         assert_eq!(
             s.reserve_image_import(&name).unwrap_err().to_string(),
             "image img already exists"
         );
         s.release_image(&name, &token).unwrap();
-        assert_eq!(s.list_images().unwrap().len(), 1, "a finished import stays");
+        assert_eq!(
+            s.list_images(None).unwrap().len(),
+            1,
+            "a finished import stays"
+        );
 
         // A delete holds the name until its files are gone.
         let deleting = s.delete_image(&name).unwrap();
-        assert!(s.list_images().unwrap().is_empty());
+        assert!(s.list_images(None).unwrap().is_empty());
         assert_eq!(
             s.reserve_image_import(&name).unwrap_err().to_string(),
             "image img is being deleted"
@@ -1250,5 +1424,61 @@ mod tests {
         drop(s);
         let s = Store::open(&path).unwrap();
         s.reserve_image_import(&name).unwrap();
+    }
+
+    #[test]
+    fn images_belong_to_their_owner_and_roots_are_shared() {
+        let (_dir, s) = store();
+        let add = |reference: &str| {
+            let id = ImageId::parse(reference).unwrap();
+            let token = s.reserve_image_import(&id).unwrap();
+            let image = Image {
+                id,
+                boot_mode: BootMode::Bios,
+                cmdline: String::new(),
+                virtual_size: 1 << 30,
+                disk_size: 1 << 20,
+                created_at: 1,
+                in_use: 0,
+            };
+            s.finish_image_import(&image, &token).unwrap();
+        };
+        add("shared");
+        add("dev");
+        add("dev@1000");
+        add("mine@1000");
+        add("mine@1001");
+        let ids = |viewer| -> Vec<String> {
+            let list = s.list_images(viewer).unwrap();
+            list.iter().map(|i| i.id.to_string()).collect()
+        };
+        assert_eq!(
+            ids(None),
+            ["dev", "dev@1000", "mine@1000", "mine@1001", "shared"]
+        );
+        assert_eq!(ids(Some(1000)), ["dev", "dev@1000", "mine@1000", "shared"]);
+        assert_eq!(ids(Some(1001)), ["dev", "mine@1001", "shared"]);
+        let resolve = |r: &str, viewer| s.resolve_image(r, viewer).map(|i| i.id.to_string());
+        // A plain name: one's own first, then root's.
+        assert_eq!(resolve("dev", Some(1000)).unwrap(), "dev@1000");
+        assert_eq!(resolve("dev", Some(1001)).unwrap(), "dev");
+        assert_eq!(resolve("dev", None).unwrap(), "dev");
+        assert_eq!(resolve("mine", Some(1001)).unwrap(), "mine@1001");
+        assert_eq!(resolve("shared", Some(1001)).unwrap(), "shared");
+        // Another user's image is not found, by name or by id.
+        for (r, viewer) in [
+            ("mine@1000", Some(1001)),
+            ("dev@1000", Some(1001)),
+            ("x", Some(1000)),
+        ] {
+            let e = resolve(r, viewer).unwrap_err();
+            assert!(matches!(e, Error::NotFound { .. }), "{r}: {e:?}");
+        }
+        assert_eq!(resolve("mine@1000", Some(1000)).unwrap(), "mine@1000");
+        assert_eq!(resolve("mine@1000", None).unwrap(), "mine@1000");
+        assert!(matches!(
+            resolve("a@b", Some(1000)),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 }

@@ -103,7 +103,7 @@ fn import_checks_format_backing_file_and_name() {
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "FORMAT", "SIZE", "BOOT", "IN-USE", "CREATED"]
+        ["NAME", "OWNER", "FORMAT", "SIZE", "BOOT", "IN-USE", "CREATED"]
     );
 }
 

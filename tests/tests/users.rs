@@ -239,6 +239,125 @@ fn quotas_cap_a_members_workspaces_volumes_and_running_vcpus_but_not_roots() {
     }
 }
 
+#[test]
+fn images_belong_to_their_importer_and_roots_are_shared() {
+    if !test_users() {
+        return;
+    }
+    let env = TestEnv::start();
+    let disk = env.make_disk("dev.qcow2", "qcow2", "64M");
+    std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let disk = disk.to_str().unwrap();
+    let (alice, bob) = (uid(ALICE), uid(BOB));
+    let alices = format!("dev@{alice}");
+    let bobs = format!("dev@{bob}");
+    let ids = |user: Option<&str>| -> Vec<String> {
+        let args = ["-o", "json", "image", "list"];
+        let out = match user {
+            Some(u) => env.ok_as(u, &args),
+            None => env.ok(&args),
+        };
+        let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let mut ids: Vec<String> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let create = |user: &str, project: &str, image: &str| {
+        env.run_as(
+            user,
+            &[
+                "workspace",
+                "create",
+                "--project",
+                project,
+                "--image",
+                image,
+            ],
+        )
+    };
+
+    // Alice's import is hers: bob neither sees nor uses nor deletes it, by name or by id.
+    let img = env.ok_as(ALICE, &["-o", "json", "image", "import", "dev", disk]);
+    let img: serde_json::Value = serde_json::from_str(&img).unwrap();
+    assert_eq!(
+        (img["id"].as_str(), img["owner_uid"].as_u64()),
+        (Some(alices.as_str()), Some(alice.into()))
+    );
+    assert!(env
+        .state_dir
+        .join(format!("pool/image-{alices}.qcow2"))
+        .exists());
+    assert_eq!(ids(Some(ALICE)), [alices.as_str(), "tiny"]);
+    assert_eq!(ids(Some(BOB)), ["tiny"]);
+    let table = env.ok_as(ALICE, &["image", "list"]);
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[..2], [alices.as_str(), ALICE], "{table}");
+    env.ok_as(ALICE, &["project", "create", "a"]);
+    env.ok_as(BOB, &["project", "create", "b"]);
+    for image in ["dev", alices.as_str()] {
+        let r = create(BOB, "b", image);
+        assert_eq!(r.code, 1, "{r:?}");
+        assert!(r.stderr.contains("not found"), "{image}: {r:?}");
+        let r = env.run_as(BOB, &["image", "delete", image]);
+        assert!(
+            r.code == 1 && r.stderr.contains("not found"),
+            "{image}: {r:?}"
+        );
+    }
+
+    // Names are unique per owner: bob has a "dev" of his own, and root a shared one.
+    env.ok_as(BOB, &["image", "import", "dev", disk]);
+    env.ok(&["image", "import", "dev", disk]);
+    let again = env.run_as(BOB, &["image", "import", "dev", disk]);
+    assert_eq!(again.stderr.trim(), "aether: image dev already exists");
+    let mut all = vec!["dev", alices.as_str(), bobs.as_str(), "tiny"];
+    all.sort();
+    assert_eq!(ids(None), all);
+    assert_eq!(ids(Some(BOB)), ["dev", bobs.as_str(), "tiny"]);
+    // A plain name is one's own image first, then the shared one.
+    let image_of = |user: &str, project: &str, image: &str| {
+        let r = create(user, project, image);
+        assert_eq!(r.code, 0, "{r:?}");
+        env.json(&["workspace", "get", r.stdout.trim()])["image"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(image_of(ALICE, "a", "dev"), alices);
+    assert_eq!(image_of(BOB, "b", "dev"), bobs);
+    assert_eq!(image_of(BOB, "b", "tiny"), "tiny");
+    let used = env.run_as(ALICE, &["image", "delete", "dev"]);
+    assert!(
+        used.code == 1 && used.stderr.contains("is used by"),
+        "{used:?}"
+    );
+
+    // A member deletes its own image; the shared one is root's to delete.
+    let listed = env.json(&["workspace", "list"]);
+    for ws in listed.as_array().unwrap() {
+        if ws["image"] == alices.as_str() {
+            env.ok(&["workspace", "delete", ws["id"].as_str().unwrap(), "--force"]);
+        }
+    }
+    env.ok_as(ALICE, &["image", "delete", "dev"]);
+    assert!(!env
+        .state_dir
+        .join(format!("pool/image-{alices}.qcow2"))
+        .exists());
+    assert_eq!(image_of(ALICE, "a", "dev"), "dev", "then the shared one");
+    let shared = env.run_as(ALICE, &["image", "delete", "dev"]);
+    assert_eq!(
+        shared.stderr.trim(),
+        "aether: permission denied: image dev is shared by root; only root may delete it"
+    );
+    assert_eq!(ids(None), ["dev", bobs.as_str(), "tiny"]);
+}
+
 fn uid(user: &str) -> u32 {
     let out = std::process::Command::new("id")
         .args(["-u", user])

@@ -609,6 +609,7 @@ impl Aether for Service {
         let upload = self
             .manager
             .begin_image_import(
+                caller,
                 &header.name,
                 header.boot_mode,
                 header.cmdline,
@@ -628,8 +629,8 @@ impl Aether for Service {
         &self,
         req: Request<pb::ListImagesRequest>,
     ) -> Reply<pb::ListImagesResponse> {
-        auth::caller(&req)?;
-        let images = self.manager.list_images().map_err(status)?;
+        let caller = auth::caller(&req)?;
+        let images = self.manager.list_images(caller).map_err(status)?;
         Ok(Response::new(pb::ListImagesResponse {
             images: images.iter().map(image_to_pb).collect(),
         }))
@@ -748,7 +749,9 @@ fn boot_mode_to_pb(m: BootMode) -> pb::BootMode {
 
 fn image_to_pb(i: &Image) -> pb::Image {
     pb::Image {
-        name: i.name.to_string(),
+        name: i.id.name().to_string(),
+        id: i.id.to_string(),
+        owner_uid: i.id.owner_uid(),
         format: "qcow2".to_owned(),
         virtual_size_bytes: i.virtual_size,
         boot_mode: boot_mode_to_pb(i.boot_mode) as i32,

@@ -19,7 +19,7 @@ use crate::files::{self, tail};
 use crate::hypervisor::events::DomainEvent;
 use crate::hypervisor::{Boot, DomainType};
 use crate::hypervisor::{DomainSpec, DomainStatus, Hypervisor};
-use crate::images::{self, BootMode, Image, ImageName, Layout};
+use crate::images::{self, BootMode, Image, ImageId, ImageName, Layout};
 use crate::model::{
     Hardware, HardwareLimits, HardwareRequest, ProjectName, ProjectRef, WorkspaceId,
 };
@@ -45,7 +45,7 @@ pub struct Caller {
 }
 
 impl Caller {
-    fn owner(&self) -> Owner {
+    pub(crate) fn owner(&self) -> Owner {
         if self.admin {
             None
         } else {
@@ -218,18 +218,18 @@ impl Manager {
 
     fn spec(&self, ws: &Workspace) -> Result<DomainSpec> {
         let image = match &ws.image {
-            Some(name) => Some(self.store.get_image(&ImageName::parse(name)?)?),
+            Some(id) => Some(self.store.get_image(&ImageId::parse(id)?)?),
             None => None,
         };
         let boot = match &image {
             Some(Image {
                 boot_mode: BootMode::Kernel,
-                name,
+                id,
                 cmdline,
                 ..
             }) => Boot::Kernel {
-                kernel: self.layout.kernel(name),
-                initrd: self.layout.initrd(name),
+                kernel: self.layout.kernel(id),
+                initrd: self.layout.initrd(id),
                 cmdline: cmdline.clone(),
             },
             Some(Image {
@@ -361,22 +361,22 @@ impl Manager {
             .as_deref()
             .map(crate::model::parse_duration_secs)
             .transpose()?;
-        let image_name = match (req.image.as_str(), self.config.default_image.as_str()) {
+        let image_ref = match (req.image.as_str(), self.config.default_image.as_str()) {
             ("", "") => {
                 return Err(Error::invalid(
                     "no image given and no default_image configured; pass --image (see `aether image list`)",
                 ))
             }
-            ("", default) => ImageName::parse(default)?,
-            (name, _) => ImageName::parse(name)?,
+            ("", default) => default,
+            (name, _) => name,
         };
-        let image = self.store.get_image(&image_name)?;
+        let image = self.store.resolve_image(image_ref, caller.owner())?;
         let size_bytes = u64::from(hardware.volume_size_gb) << 30;
         if size_bytes < image.virtual_size {
             return Err(Error::invalid(format!(
                 "volume size {} GiB is smaller than image {} ({} GiB); use --volume-size {} or more",
                 hardware.volume_size_gb,
-                image.name,
+                image.id.name(),
                 image.virtual_size.div_ceil(1 << 30),
                 image.virtual_size.div_ceil(1 << 30)
             )));
@@ -404,13 +404,14 @@ impl Manager {
             volume_gb(&mine),
             Claim::VolumeGb(u64::from(hardware.volume_size_gb)),
         )?;
+        let image_id = image.id.to_string();
         let ws = self.store.insert_workspace(&NewWorkspace {
             id,
             project: &project,
             owner_uid: caller.uid,
             uuid: &uuid,
             hardware: &hardware,
-            image: Some(image.name.as_str()),
+            image: Some(&image_id),
             login_user: &req.login_user,
             ssh_host_public_key: &host_key.public,
             mac: Some(&mac),
@@ -430,7 +431,7 @@ impl Manager {
             }
             return Err(e);
         }
-        tracing::info!(workspace = %ws.id, project = %project.id, image = %image.name, ip = ?ws.ip, hardware = %hardware, "workspace created");
+        tracing::info!(workspace = %ws.id, project = %project.id, image = %image.id, ip = ?ws.ip, hardware = %hardware, "workspace created");
         self.publish(live::ChangeKind::Changed, &ws);
         Ok(ws)
     }
@@ -443,7 +444,7 @@ impl Manager {
         keys: &[String],
         host_key: &cloudinit::KeyPair,
     ) -> Result<()> {
-        let base = self.layout.pool().join(image.name.volume_name());
+        let base = self.layout.pool().join(image.id.volume_name());
         self.hv
             .create_overlay(&root_volume_name(&ws.id), ws.hardware.volume_size_gb, &base)
             .await?;

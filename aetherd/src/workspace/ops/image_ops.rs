@@ -1,8 +1,8 @@
 //! Image import, listing and deletion (the files live in the pool and boot dirs; see
 //! `crate::images` for the checks).
 //!
-//! An import holds its image name from the header on (a reservation row, see
-//! [`Store::reserve_image_import`]): a second import of the name is refused at once, so no
+//! An import holds its image id (name and owner) from the header on (a reservation row, see
+//! [`Store::reserve_image_import`]): a second import of it is refused at once, so no
 //! two imports ever write or clean up the same pool file. Each upload is staged in its own
 //! directory, and a failed import removes only what it made.
 
@@ -14,12 +14,15 @@ impl Manager {
     /// creates the upload's own staging directory. Dropping the result releases both.
     pub fn begin_image_import(
         self: &Arc<Self>,
+        caller: Caller,
         name: &str,
         boot_mode: Option<BootMode>,
         cmdline: String,
         source_name: String,
     ) -> Result<ImageUpload> {
-        let name = ImageName::parse(name)?;
+        // An admin's images are shared with everyone; a member's are their own.
+        let owner = if caller.admin { 0 } else { caller.uid };
+        let name = ImageId::new(ImageName::parse(name)?, owner);
         images::validate_cmdline(&cmdline)?;
         let token = self.store.reserve_image_import(&name)?;
         let dir = self.layout.upload_dir(&token);
@@ -134,7 +137,7 @@ impl Manager {
             .map_err(cleanup)?;
         images::move_into_pool(&checked, &staged, &dest).map_err(cleanup)?;
         let image = Image {
-            name: name.clone(),
+            id: name.clone(),
             boot_mode,
             cmdline: up.cmdline.clone(),
             virtual_size: checked.virtual_size,
@@ -150,16 +153,20 @@ impl Manager {
         Ok(image)
     }
 
-    pub fn list_images(&self) -> Result<Vec<Image>> {
-        self.store.list_images()
+    pub fn list_images(&self, caller: Caller) -> Result<Vec<Image>> {
+        self.store.list_images(caller.owner())
     }
 
-    pub async fn delete_image(&self, caller: Caller, name: &str) -> Result<()> {
-        let name = ImageName::parse(name)?;
-        if !caller.admin {
-            return Err(Error::PermissionDenied(
-                "only root may delete images".into(),
-            ));
+    /// Deletes the image `reference` means to the caller (see [`Store::resolve_image`]):
+    /// their own, or for an admin any; a member may not delete a shared image.
+    pub async fn delete_image(&self, caller: Caller, reference: &str) -> Result<()> {
+        let image = self.store.resolve_image(reference, caller.owner())?;
+        let name = image.id;
+        if !caller.admin && name.owner_uid() != caller.uid {
+            return Err(Error::PermissionDenied(format!(
+                "image {} is shared by root; only root may delete it",
+                name.name()
+            )));
         }
         // The name stays reserved until the files are gone, so an import of it cannot
         // write them meanwhile.
@@ -180,7 +187,7 @@ impl Manager {
 /// also when the request is cancelled midway.
 pub struct ImageUpload {
     pub dir: std::path::PathBuf,
-    name: ImageName,
+    name: ImageId,
     boot_mode: Option<BootMode>,
     cmdline: String,
     source_name: String,
