@@ -650,6 +650,57 @@ fn detached_tasks_follow_cancel_keep_a_workspace_busy_and_are_lost_on_stop() {
 
 #[test]
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn a_members_running_tasks_are_capped_by_quota_tasks_but_roots_are_not() {
+    if !aether_tests::test_users() {
+        return;
+    }
+    let alice = aether_tests::ALICE;
+    let env = testguest_env("[quota]\ntasks = 1\n");
+    env.ok_as(alice, &["project", "create", "q"]);
+    let small = ["--cpus", "1", "--memory", "256", "--volume-size", "2"];
+    let mut args = vec!["workspace", "create", "--project", "q"];
+    args.extend_from_slice(&small);
+    let ws = env.ok_as(alice, &args).trim().to_owned();
+    env.ok_as(alice, &["workspace", "start", &ws]);
+    let detach = |user: Option<&str>| {
+        let args = ["workspace", "exec", &ws, "--detach", "--", "sleep", "100"];
+        match user {
+            Some(u) => env.run_as(u, &args),
+            None => env.run(&args),
+        }
+    };
+    let first = detach(Some(alice));
+    assert_eq!(first.code, 0, "{first:?}");
+    let second = detach(Some(alice));
+    assert_eq!(second.code, 1, "{second:?}");
+    assert!(
+        second.stderr.contains("quota exceeded")
+            && second.stderr.contains("has 1")
+            && second.stderr.contains("quota.tasks"),
+        "{second:?}"
+    );
+    // Root is not capped; a cancelled task frees its place.
+    let by_root = detach(None);
+    assert_eq!(by_root.code, 0, "{by_root:?}");
+    env.ok_as(alice, &["task", "cancel", first.stdout.trim()]);
+    env.ok(&["task", "cancel", by_root.stdout.trim()]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = detach(Some(alice));
+        if again.code == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && again.stderr.contains("quota.tasks"),
+            "{again:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    env.ok(&["workspace", "delete", &ws, "--force"]);
+}
+
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn the_guest_sees_its_cpus_memory_and_a_grown_volume() {
     let env = testguest_env("");
     let ws = create(
