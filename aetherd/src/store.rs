@@ -4,9 +4,10 @@
 //! - WAL journal, `synchronous=FULL` (a committed transition survives power loss), foreign keys on.
 //! - The schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] are applied in order,
 //!   each in its own transaction, and are never edited once released (add a new one instead).
-//! - A workspace's state only changes through [`Store::cas_state`], a compare-and-swap on its
-//!   `generation`: the caller names the generation it decided on, and loses if anything else
-//!   changed the row in between.
+//! - A workspace's state only changes through [`Store::write_transition`], one transaction
+//!   gated on its `generation` (the caller names the generation it decided on, and loses if
+//!   anything else changed the row in between) that also writes the host resources the VM
+//!   holds; the workspace's runner is its only caller.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -224,6 +225,20 @@ pub struct NewWorkspace<'a> {
     /// creates cannot pick the same one); `None`: no address.
     pub subnet: Option<crate::network::Subnet>,
     pub idle_timeout_secs: Option<u64>,
+}
+
+/// Picks the host resources for a VM about to start: its dedicated CPUs and GPU, given the
+/// workspace and every workspace; refuses when the host or the owner's quota cannot run it.
+pub type Place<'a> = &'a dyn Fn(&Workspace, &[Workspace]) -> Result<(Vec<u32>, Option<String>)>;
+
+/// What a transition writes for the host resources a VM holds while it is on.
+pub enum Holdings<'a> {
+    /// As they are.
+    Keep,
+    /// Picked now, in the transition's transaction.
+    Take(Place<'a>),
+    /// None: the VM is off.
+    Free,
 }
 
 /// Which rows a caller may see: `None` for root/admins, `Some(uid)` for a plain user.
@@ -534,42 +549,58 @@ impl Store {
         filter: &WorkspaceFilter,
         owner: Owner,
     ) -> Result<Vec<Workspace>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {WORKSPACE_COLUMNS} FROM workspaces w JOIN projects p ON p.id = w.project_id \
-             WHERE (?1 IS NULL OR w.state = ?1) AND (?2 IS NULL OR w.project_id = ?2) \
-               AND (?3 IS NULL OR w.owner_uid = ?3) \
-             ORDER BY w.created_at, w.id"
-        ))?;
-        let rows = stmt.query_map(
-            params![
-                filter.state.map(State::as_str),
-                filter.project.as_ref().map(ProjectId::as_str),
-                owner
-            ],
-            workspace_from_row,
-        )?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        list_workspaces_in(&self.conn(), filter, owner)
     }
 
-    /// Moves `ws` to `to` if its generation is still `ws.generation`; with `apply_pending`
-    /// the pending hardware (if any) becomes the hardware in the same transaction.
-    /// Returns the updated workspace, or [`Error::Conflict`] if another change won.
-    pub fn cas_state(
+    /// Writes a state transition of `ws` in one transaction, if its generation is still
+    /// `ws.generation`: state, reason, the next generation and the host resources the VM
+    /// holds ([`Holdings`]; taking them also makes the pending hardware, if any, the
+    /// hardware). For [`Holdings::Take`], `place` is given the workspace and every other one
+    /// as this transaction reads them, and picks the resources or refuses (then nothing is
+    /// written), so two starts cannot both take the last free ones. Returns the workspace as
+    /// written, or [`Error::Conflict`] if another change won. The workspace's runner is the
+    /// only caller: no other code writes a state.
+    pub fn write_transition(
         &self,
         ws: &Workspace,
         to: State,
         reason: &str,
-        apply_pending: bool,
+        holdings: Holdings<'_>,
     ) -> Result<Workspace> {
-        let updated = self.gated_update(
-            ws,
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current = read_workspace(&tx, &ws.id, None)?;
+        if current.generation != ws.generation {
+            return Err(Error::Conflict {
+                id: ws.id.to_string(),
+                now: current.state,
+            });
+        }
+        let (take, cpus, gpu) = match holdings {
+            Holdings::Keep => (
+                false,
+                current.dedicated_cpus.clone(),
+                current.gpu_device.clone(),
+            ),
+            Holdings::Free => (false, Vec::new(), None),
+            Holdings::Take(place) => {
+                let all = all_workspaces(&tx)?;
+                let (cpus, gpu) = place(&current, &all)?;
+                (true, cpus, gpu)
+            }
+        };
+        let cpus_json =
+            (!cpus.is_empty()).then(|| serde_json::to_string(&cpus).expect("serializes"));
+        tx.execute(
             "UPDATE workspaces SET state = ?1, reason = ?2, generation = generation + 1, updated_at = ?3,
                  hardware = CASE WHEN ?4 AND pending_hardware IS NOT NULL THEN pending_hardware ELSE hardware END,
-                 pending_hardware = CASE WHEN ?4 THEN NULL ELSE pending_hardware END
-             WHERE id = ?5 AND generation = ?6",
-            params![to.as_str(), reason, now(), apply_pending, ws.id.as_str(), ws.generation as i64],
+                 pending_hardware = CASE WHEN ?4 THEN NULL ELSE pending_hardware END,
+                 dedicated_cpus = ?5, gpu_device = ?6
+             WHERE id = ?7",
+            params![to.as_str(), reason, now(), take, cpus_json, gpu, ws.id.as_str()],
         )?;
+        let updated = read_workspace(&tx, &ws.id, None)?;
+        tx.commit()?;
         tracing::info!(
             workspace = %ws.id,
             generation = updated.generation,
@@ -612,25 +643,6 @@ impl Store {
         Ok(())
     }
 
-    /// Records the host CPUs dedicated to the workspace (empty: none).
-    pub fn set_dedicated_cpus(&self, id: &WorkspaceId, cpus: &[u32]) -> Result<()> {
-        let json = (!cpus.is_empty()).then(|| serde_json::to_string(cpus).expect("serializes"));
-        self.conn().execute(
-            "UPDATE workspaces SET dedicated_cpus = ?1 WHERE id = ?2",
-            params![json, id.as_str()],
-        )?;
-        Ok(())
-    }
-
-    /// Records the GPU held by the workspace (`None`: none).
-    pub fn set_gpu_device(&self, id: &WorkspaceId, device: Option<&str>) -> Result<()> {
-        self.conn().execute(
-            "UPDATE workspaces SET gpu_device = ?1 WHERE id = ?2",
-            params![device, id.as_str()],
-        )?;
-        Ok(())
-    }
-
     /// Sets the workspace's own idle timeout (`None`: the daemon's).
     pub fn set_idle_timeout(&self, id: &WorkspaceId, secs: Option<u64>) -> Result<()> {
         self.conn().execute(
@@ -668,6 +680,32 @@ impl Store {
         tx.commit()?;
         Ok(())
     }
+}
+
+fn list_workspaces_in(
+    conn: &Connection,
+    filter: &WorkspaceFilter,
+    owner: Owner,
+) -> Result<Vec<Workspace>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {WORKSPACE_COLUMNS} FROM workspaces w JOIN projects p ON p.id = w.project_id \
+         WHERE (?1 IS NULL OR w.state = ?1) AND (?2 IS NULL OR w.project_id = ?2) \
+           AND (?3 IS NULL OR w.owner_uid = ?3) \
+         ORDER BY w.created_at, w.id"
+    ))?;
+    let rows = stmt.query_map(
+        params![
+            filter.state.map(State::as_str),
+            filter.project.as_ref().map(ProjectId::as_str),
+            owner
+        ],
+        workspace_from_row,
+    )?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+fn all_workspaces(conn: &Connection) -> Result<Vec<Workspace>> {
+    list_workspaces_in(conn, &WorkspaceFilter::default(), None)
 }
 
 fn read_workspace(conn: &Connection, id: &WorkspaceId, owner: Owner) -> Result<Workspace> {
@@ -1301,10 +1339,24 @@ mod tests {
         let (_d, s) = store();
         let p = project(&s, "app");
         let ws = new_ws(&s, &p, 1000, "u1");
-        let a = s.cas_state(&ws, State::Starting, "", true).unwrap();
+        let a = s
+            .write_transition(
+                &ws,
+                State::Starting,
+                "",
+                Holdings::Take(&|_, _| Ok((Vec::new(), None))),
+            )
+            .unwrap();
         assert_eq!(a.generation, 1);
         // `ws` is stale now: a second decision based on it must lose.
-        let err = s.cas_state(&ws, State::Starting, "", true).unwrap_err();
+        let err = s
+            .write_transition(
+                &ws,
+                State::Starting,
+                "",
+                Holdings::Take(&|_, _| Ok((Vec::new(), None))),
+            )
+            .unwrap_err();
         assert!(
             matches!(
                 err,
@@ -1331,11 +1383,57 @@ mod tests {
         let ws = s
             .set_hardware(&ws, &Hardware::DEFAULT, Some(&bigger))
             .unwrap();
-        let ws = s.cas_state(&ws, State::Error, "x", false).unwrap();
+        let ws = s
+            .write_transition(&ws, State::Error, "x", Holdings::Free)
+            .unwrap();
         assert_eq!(ws.pending_hardware.as_ref(), Some(&bigger));
-        let ws = s.cas_state(&ws, State::Starting, "", true).unwrap();
+        let ws = s
+            .write_transition(
+                &ws,
+                State::Starting,
+                "",
+                Holdings::Take(&|_, _| Ok((Vec::new(), None))),
+            )
+            .unwrap();
         assert_eq!(ws.hardware, bigger);
         assert_eq!(ws.pending_hardware, None);
+    }
+
+    #[test]
+    fn a_start_places_in_its_own_transaction_and_a_refusal_writes_nothing() {
+        let (_d, s) = store();
+        let p = project(&s, "app");
+        let ws = new_ws(&s, &p, 1000, "u1");
+        let other = new_ws(&s, &p, 1000, "u2");
+        let seen = std::cell::Cell::new(0);
+        let place = |me: &Workspace, all: &[Workspace]| {
+            seen.set(all.len());
+            assert_eq!(me.id, ws.id);
+            Ok((vec![2, 3], Some("pci_0000_01_00_0".to_owned())))
+        };
+        let started = s
+            .write_transition(&ws, State::Starting, "", Holdings::Take(&place))
+            .unwrap();
+        assert_eq!(seen.get(), 2, "placement sees every workspace");
+        assert_eq!(started.dedicated_cpus, [2, 3]);
+        assert_eq!(started.gpu_device.as_deref(), Some("pci_0000_01_00_0"));
+        let kept = s
+            .write_transition(&started, State::Running, "", Holdings::Keep)
+            .unwrap();
+        assert_eq!(kept.dedicated_cpus, [2, 3]);
+        let off = s
+            .write_transition(&kept, State::Stopped, "", Holdings::Free)
+            .unwrap();
+        assert!(off.dedicated_cpus.is_empty() && off.gpu_device.is_none());
+        // A refused placement writes nothing at all.
+        let refuse = |_: &Workspace, _: &[Workspace]| -> Result<(Vec<u32>, Option<String>)> {
+            Err(Error::ResourceExhausted("full".into()))
+        };
+        let err = s
+            .write_transition(&other, State::Starting, "", Holdings::Take(&refuse))
+            .unwrap_err();
+        assert!(matches!(err, Error::ResourceExhausted(_)), "{err:?}");
+        assert_eq!(s.get_workspace(&other.id, None).unwrap(), other);
     }
 
     #[test]
@@ -1345,7 +1443,13 @@ mod tests {
         let b = project(&s, "b");
         let w1 = new_ws(&s, &a, 1, "u1");
         new_ws(&s, &b, 1, "u2");
-        s.cas_state(&w1, State::Starting, "", true).unwrap();
+        s.write_transition(
+            &w1,
+            State::Starting,
+            "",
+            Holdings::Take(&|_, _| Ok((Vec::new(), None))),
+        )
+        .unwrap();
         let f = |state, project: Option<&Project>| WorkspaceFilter {
             state,
             project: project.map(|p| p.id.clone()),

@@ -313,14 +313,6 @@ fn bad_input_gets_a_specific_error_and_changes_nothing() {
             "workspace ws-zzzzzz not found",
         ),
         (
-            &["workspace", "stop", &ws],
-            "workspace is stopped: it is already stopped",
-        ),
-        (
-            &["workspace", "stop", &ws, "--force"],
-            "workspace is stopped: it is already stopped",
-        ),
-        (
             &["workspace", "update", &ws, "--volume-size", "10"],
             "volume size can only grow: it is 20 GiB, requested 10 GiB",
         ),
@@ -361,19 +353,29 @@ fn bad_input_gets_a_specific_error_and_changes_nothing() {
     }
     assert_eq!(env.json(&["project", "list"]).as_array().unwrap().len(), 1);
 
+    // A request that is already satisfied succeeds and changes nothing (not even the
+    // generation).
+    let satisfied = |args: &[&str]| {
+        let before = env.json(&["workspace", "get", &ws]);
+        env.ok(args);
+        let after = env.json(&["workspace", "get", &ws]);
+        assert_eq!(
+            (&after["state"], &after["generation"]),
+            (&before["state"], &before["generation"]),
+            "{args:?}"
+        );
+    };
+    satisfied(&["workspace", "stop", &ws]);
+    satisfied(&["workspace", "stop", &ws, "--force"]);
+
     // Wrong-state requests name the current state.
     env.ok(&["workspace", "start", &ws]);
     let running = env.ok(&["workspace", "list"]);
-    for (args, want) in [
-        (
-            vec!["workspace", "start", &ws],
-            "workspace is running: it is already running",
-        ),
-        (
-            vec!["workspace", "delete", &ws],
-            "workspace is running: stop it first, or delete with --force",
-        ),
-    ] {
+    satisfied(&["workspace", "start", &ws]);
+    for (args, want) in [(
+        vec!["workspace", "delete", &ws],
+        "workspace is running: stop it first, or delete with --force",
+    )] {
         let err = env.fail(&args);
         assert!(err.contains(want), "{args:?}: {err}");
         assert_eq!(env.ok(&["workspace", "list"]), running);

@@ -1,4 +1,6 @@
-//! Workspaces: the lifecycle state machine and the operations built on it.
+//! Workspaces: the lifecycle state machine, the runner that owns each workspace's
+//! transitions, and the operations built on them.
 
 pub mod ops;
+pub mod runner;
 pub mod state;

@@ -1,10 +1,9 @@
 //! Workspace and project operations: the daemon's core, independent of gRPC.
 //!
-//! Each operation decides its state change with [`state::transition`], writes it as a
-//! compare-and-swap, and then does the slow libvirt work. Long work (booting, graceful
-//! shutdown) runs in a background task that holds the workspace's operation lock, so the
-//! libvirt steps of one workspace never interleave; its final transition is again a CAS, so a
-//! user's later decision (say, a forced stop during boot) wins over a stale background task.
+//! Requests that concern one workspace (start, stop, update, delete, and its provisioning at
+//! create) are checked for visibility here and handed to the workspace's runner (see
+//! `workspace::runner`), the only writer of its state; the work the runner needs done
+//! (placement, boot, shutdown, provisioning) lives here.
 //!
 //! Multi-step operations undo what they did when a later step fails: a workspace whose domain
 //! cannot be defined is not left in the database.
@@ -27,7 +26,8 @@ use crate::network::{self, Subnet};
 use crate::quota::Claim;
 use crate::store::{NewWorkspace, Owner, Project, Store, TaskRow, Workspace, WorkspaceFilter};
 use crate::tunnel::Connections;
-use crate::workspace::state::{self, Event, State};
+use crate::workspace::runner::{self, Input};
+use crate::workspace::state::State;
 
 mod image_ops;
 mod lifecycle;
@@ -35,6 +35,7 @@ pub mod live;
 pub mod tasks;
 
 pub use image_ops::ImageUpload;
+pub use lifecycle::Readiness;
 
 /// Who is asking, from the socket peer's credentials.
 #[derive(Clone, Copy, Debug)]
@@ -76,8 +77,8 @@ pub struct Manager {
     subnet: Subnet,
     /// The daemon's own SSH key, authorized in every guest (for tasks).
     daemon_key: KeyPair,
-    /// One lock per workspace, held by whatever is doing libvirt work on it.
-    locks: Mutex<HashMap<WorkspaceId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The runner of each workspace that has one (see `workspace::runner`).
+    runners: Mutex<HashMap<WorkspaceId, tokio::sync::mpsc::Sender<Input>>>,
     /// Open tunnels per workspace.
     pub connections: Connections,
     /// The change feed (see `live`).
@@ -96,9 +97,6 @@ pub struct Manager {
     host: (u32, u64),
     /// The host's GPUs, discovered once at start.
     gpus: Vec<crate::hypervisor::gpu::Gpu>,
-    /// Held from a start's capacity check to its transition, so two starts cannot both
-    /// take the last free memory.
-    admission: tokio::sync::Mutex<()>,
     /// Woken when CPUs are dedicated or released (see `repin_running`).
     repin: tokio::sync::Notify,
     /// Domain starts in flight at once: libvirt launches qemu and instantiates a NIC's
@@ -153,7 +151,6 @@ impl Manager {
             tasks: Mutex::new(HashMap::new()),
             host,
             gpus,
-            admission: tokio::sync::Mutex::new(()),
             repin: tokio::sync::Notify::new(),
             creating: Mutex::new(()),
             boot_slots: tokio::sync::Semaphore::new(BOOT_SLOTS),
@@ -164,7 +161,7 @@ impl Manager {
             layout,
             subnet,
             daemon_key,
-            locks: Mutex::new(HashMap::new()),
+            runners: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -172,9 +169,54 @@ impl Manager {
         &self.layout
     }
 
-    fn lock_of(&self, id: &WorkspaceId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.entry(id.clone()).or_default().clone()
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub(crate) fn hv(&self) -> &Hypervisor {
+        &self.hv
+    }
+
+    /// The runner of `id`, started if it has none.
+    fn runner(self: &Arc<Self>, id: &WorkspaceId) -> tokio::sync::mpsc::Sender<Input> {
+        let mut runners = self.runners.lock().unwrap_or_else(|p| p.into_inner());
+        runners
+            .entry(id.clone())
+            .or_insert_with(|| runner::spawn(Arc::clone(self), id.clone()))
+            .clone()
+    }
+
+    /// Forgets the runner `me` of `id`, which ended (its workspace is gone).
+    pub(crate) fn runner_ended(&self, id: &WorkspaceId, me: &tokio::sync::mpsc::Sender<Input>) {
+        let mut runners = self.runners.lock().unwrap_or_else(|p| p.into_inner());
+        if runners.get(id).is_some_and(|r| r.same_channel(me)) {
+            runners.remove(id);
+        }
+    }
+
+    /// Hands an input to the runner of `id` (a new one if the last just ended).
+    pub(crate) async fn send(self: &Arc<Self>, id: &WorkspaceId, input: Input) {
+        let input = match self.runner(id).send(input).await {
+            Ok(()) => return,
+            Err(tokio::sync::mpsc::error::SendError(input)) => input,
+        };
+        self.runners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        let _ = self.runner(id).send(input).await;
+    }
+
+    /// Asks the runner of `id` and waits for its answer.
+    async fn ask<T>(
+        self: &Arc<Self>,
+        id: &WorkspaceId,
+        input: impl FnOnce(tokio::sync::oneshot::Sender<Result<T>>) -> Input,
+    ) -> Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(id, input(tx)).await;
+        rx.await
+            .unwrap_or_else(|_| Err(Error::not_found("workspace", id.as_str())))
     }
 
     /// Refuses `claim` when it would take `caller` past its quota, given what it `used`.
@@ -274,34 +316,41 @@ impl Manager {
         })
     }
 
-    /// Decides `event` for `ws` and writes it as a CAS.
-    fn apply(&self, ws: &Workspace, event: Event, reason: &str) -> Result<Workspace> {
-        let to = state::transition(ws.state, event)?;
-        if to == ws.state {
-            return Ok(ws.clone());
-        }
-        let updated = self
-            .store
-            .cas_state(ws, to, reason, event == Event::Start)?;
-        if ws.state == State::Running {
-            self.lose_tasks_of(&ws.id);
-        }
-        if to.vm_is_off() && !ws.dedicated_cpus.is_empty() {
-            self.store.set_dedicated_cpus(&ws.id, &[])?;
-            self.cpus_changed();
-        }
-        if to.vm_is_off() && ws.gpu_device.is_some() {
-            self.store.set_gpu_device(&ws.id, None)?;
-        }
-        if !matches!(to, State::Starting | State::Stopping) {
+    /// What follows a written transition from `old` to `new`: the phase ends with the
+    /// transitional state, moved CPUs are re-pinned, watchers are told, idleness is
+    /// re-evaluated.
+    pub(crate) fn transitioned(&self, old: &Workspace, new: &Workspace) {
+        if !matches!(new.state, State::Starting | State::Stopping) {
             self.phases
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&ws.id);
+                .remove(&new.id);
         }
-        self.publish(live::ChangeKind::Changed, &updated);
+        if old.gpu_device != new.gpu_device {
+            if let Some(gpu) = &new.gpu_device {
+                tracing::info!(workspace = %new.id, gpu = %gpu, "GPU attached");
+            }
+        }
+        if old.dedicated_cpus != new.dedicated_cpus {
+            if !new.dedicated_cpus.is_empty() {
+                tracing::info!(workspace = %new.id, cpus = ?new.dedicated_cpus, "dedicated host CPUs");
+            }
+            self.cpus_changed();
+        }
+        self.publish(live::ChangeKind::Changed, new);
+        self.idle_changed(&new.id);
+    }
+
+    /// What follows the deletion of `ws`'s row.
+    pub(crate) fn deleted(&self, ws: &Workspace) {
+        tracing::info!(workspace = %ws.id, "workspace deleted");
+        self.publish(live::ChangeKind::Deleted, ws);
         self.idle_changed(&ws.id);
-        Ok(updated)
+    }
+
+    /// Defines (or redefines) the domain of `ws` as the row describes it.
+    pub(crate) async fn define(&self, ws: &Workspace) -> Result<()> {
+        self.hv.define(&self.spec(ws)?).await
     }
 
     pub async fn host_info(&self) -> Result<HostInfo> {
@@ -350,7 +399,7 @@ impl Manager {
     /// Creates a workspace: database row, root volume (a qcow2 overlay on the image), seed,
     /// DHCP reservation and domain. A failed step undoes the ones before it.
     pub async fn create_workspace(
-        &self,
+        self: &Arc<Self>,
         caller: Caller,
         req: &CreateWorkspace,
     ) -> Result<Workspace> {
@@ -419,21 +468,33 @@ impl Manager {
             idle_timeout_secs,
         })?;
         drop(creating);
-        let lock = self.lock_of(&ws.id);
-        let _guard = lock.lock().await;
-        if let Err(e) = self.provision(&ws, &image, &keys, &host_key).await {
-            tracing::warn!(workspace = %ws.id, error = %e, "create failed; undoing");
-            if let Err(undo) = self.deprovision(&ws).await {
-                tracing::error!(workspace = %ws.id, error = %undo, "could not undo all of create");
-            }
-            if let Err(undo) = self.store.delete_workspace(&ws) {
-                tracing::error!(workspace = %ws.id, error = %undo, "could not undo workspace row");
-            }
-            return Err(e);
-        }
-        tracing::info!(workspace = %ws.id, project = %project.id, image = %image.id, ip = ?ws.ip, hardware = %hardware, "workspace created");
+        let provisioning = Provisioning {
+            image,
+            keys,
+            host_key,
+        };
+        let ws = self
+            .ask(&ws.id, |r| Input::Provision(Box::new(provisioning), r))
+            .await?;
+        tracing::info!(workspace = %ws.id, project = %project.id, image = ?ws.image, ip = ?ws.ip, hardware = %hardware, "workspace created");
         self.publish(live::ChangeKind::Changed, &ws);
         Ok(ws)
+    }
+
+    /// Makes the host-side resources of a new workspace; if a step fails, removes what the
+    /// others made and the row.
+    pub(crate) async fn provision_or_undo(&self, ws: &Workspace, p: &Provisioning) -> Result<()> {
+        let Err(e) = self.provision(ws, &p.image, &p.keys, &p.host_key).await else {
+            return Ok(());
+        };
+        tracing::warn!(workspace = %ws.id, error = %e, "create failed; undoing");
+        if let Err(undo) = self.deprovision(ws).await {
+            tracing::error!(workspace = %ws.id, error = %undo, "could not undo all of create");
+        }
+        if let Err(undo) = self.store.delete_workspace(ws) {
+            tracing::error!(workspace = %ws.id, error = %undo, "could not undo workspace row");
+        }
+        Err(e)
     }
 
     /// The host-side resources of a workspace, each step idempotent.
@@ -467,7 +528,7 @@ impl Manager {
     }
 
     /// Removes everything [`Manager::provision`] made; missing pieces are fine.
-    async fn deprovision(&self, ws: &Workspace) -> Result<()> {
+    pub(crate) async fn deprovision(&self, ws: &Workspace) -> Result<()> {
         self.hv.undefine(&ws.id).await?;
         if let (Some(mac), Some(ip)) = (&ws.mac, ws.ip) {
             // dnsmasq would keep the lease for its lifetime and refuse the address to the
@@ -569,45 +630,49 @@ impl Manager {
     }
 
     /// Deletes the domain and the row. Without `force` the VM must not be running.
-    pub async fn delete_workspace(&self, caller: Caller, id: &str, force: bool) -> Result<()> {
-        let mut ws = self.get_workspace(caller, id)?;
-        if !ws.state.deletable() {
-            if !force {
-                return Err(Error::precondition(format!(
-                    "workspace is {}: stop it first, or delete with --force",
-                    ws.state
-                )));
-            }
-            ws = self.force_stop(&ws).await?;
-        }
-        let lock = self.lock_of(&ws.id);
-        let _guard = lock.lock().await;
-        self.deprovision(&ws).await?;
-        self.store.delete_workspace(&ws)?;
-        self.locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&ws.id);
-        tracing::info!(workspace = %ws.id, "workspace deleted");
-        self.publish(live::ChangeKind::Deleted, &ws);
-        self.idle_changed(&ws.id);
-        Ok(())
+    pub async fn delete_workspace(
+        self: &Arc<Self>,
+        caller: Caller,
+        id: &str,
+        force: bool,
+    ) -> Result<()> {
+        let ws = self.get_workspace(caller, id)?;
+        self.ask(&ws.id, |reply| Input::Delete { force, reply })
+            .await
     }
 
     /// Changes hardware: at once while the VM is off, as pending changes otherwise.
     /// The idle timeout, if given, applies at once.
     pub async fn update_workspace(
-        &self,
+        self: &Arc<Self>,
         caller: Caller,
         id: &str,
         req: &HardwareRequest,
         idle_timeout: Option<&str>,
     ) -> Result<Workspace> {
         let ws = self.get_workspace(caller, id)?;
-        // Validate everything before changing anything.
-        let idle = idle_timeout
+        let idle_timeout_secs = idle_timeout
             .map(crate::model::parse_duration_secs)
             .transpose()?;
+        self.ask(&ws.id, |reply| Input::Update {
+            caller,
+            hardware: req.clone(),
+            idle_timeout_secs,
+            reply,
+        })
+        .await
+    }
+
+    /// [`Manager::update_workspace`], in the workspace's runner. Everything is validated
+    /// before anything changes.
+    pub(crate) async fn update(
+        &self,
+        caller: Caller,
+        ws: &Workspace,
+        req: &HardwareRequest,
+        idle: Option<u64>,
+    ) -> Result<Workspace> {
+        let ws = ws.clone();
         let base = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
         let wanted = base.with(req, &self.limits())?;
         if wanted.volume_size_gb > ws.hardware.volume_size_gb {
@@ -644,8 +709,6 @@ impl Manager {
                 ws.hardware.volume_size_gb, wanted.volume_size_gb
             )));
         }
-        let lock = self.lock_of(&ws.id);
-        let _guard = lock.lock().await;
         if wanted.volume_size_gb > ws.hardware.volume_size_gb {
             // The volume grows now, running or not; the guest's filesystem grows at its next
             // boot (cloud-init's resizefs, or the test guest's resize2fs).
@@ -698,17 +761,11 @@ fn volume_gb(workspaces: &[Workspace]) -> u64 {
         .sum()
 }
 
-fn log_background(id: &WorkspaceId, what: &str, result: Result<Workspace>) {
-    match result {
-        Ok(ws) => tracing::debug!(workspace = %id, state = %ws.state, "{what} finished"),
-        // Losing the CAS means a newer decision (e.g. a forced stop) already won: not an error.
-        Err(Error::Conflict { now, .. }) => {
-            tracing::info!(workspace = %id, now = %now, "{what} superseded by a newer change")
-        }
-        Err(e) => {
-            tracing::error!(workspace = %id, error = %e, "{what} could not record its result")
-        }
-    }
+/// What a new workspace's runner provisions (see [`Manager::provision_or_undo`]).
+pub struct Provisioning {
+    pub image: Image,
+    pub keys: Vec<String>,
+    pub host_key: KeyPair,
 }
 
 /// What `create_workspace` is asked for.

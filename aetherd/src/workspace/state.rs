@@ -12,14 +12,17 @@
 //! ```
 //!
 //! Invariants:
-//! - [`transition`] is the only place that decides whether a state change is legal; it is one
-//!   exhaustive `match` with no catch-all arm, so a new state or event does not compile until
-//!   every combination is decided.
-//! - Every decided change is written as a compare-and-swap on the workspace's `generation`
-//!   (see `store`), so two racing requests cannot both win.
+//! - [`step`] is the only place that decides whether a state change is legal and what it
+//!   sets off; it is one exhaustive `match` with no catch-all arm, so a new state or event
+//!   does not compile until every combination is decided. It does no I/O: the workspace's
+//!   runner (`workspace::runner`) carries out the [`Effect`]s and writes the new state.
+//! - A request that is already satisfied or under way (start while starting or running, stop
+//!   while stopping or stopped) is a success that changes nothing, not an error.
+//! - Every decided change is written in one store transaction gated on the workspace's
+//!   `generation` (see `store`), with the host resources it takes or frees ([`Hold`]).
 //! - Events that report reality (`PoweredOff`, `Crashed`) are accepted in every state where the
-//!   VM could be on; requests from users (`Start`, `Stop`, `ForceStop`) are refused with a
-//!   message that names the current state.
+//!   VM could be on; requests from users (`Start`, `Stop`, `ForceStop`) that cannot be met
+//!   are refused ([`Refused`]) with a message that names the current state.
 
 use std::fmt;
 
@@ -122,48 +125,137 @@ impl fmt::Display for State {
     }
 }
 
-/// The state after `event` happens in state `from`, or why it is refused.
-pub fn transition(from: State, event: Event) -> Result<State> {
+/// Something the runner does for a step, besides writing the new state. In the order the
+/// runner carries them out: [`Effect::CancelJob`] and [`Effect::PowerOff`] before the write
+/// (a forced stop whose power-off fails changes nothing), the rest after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Stop the boot or graceful stop in flight (it finishes its current libvirt call).
+    CancelJob,
+    /// Power the VM off at once (libvirt destroy).
+    PowerOff,
+    /// The tasks running in the guest end (`lost`).
+    EndTasks,
+    /// Boot the VM and wait until it is ready, in the background.
+    Boot,
+    /// Ask the guest to shut down (ACPI) and wait for it to power off, in the background.
+    Shutdown,
+}
+
+/// What a step does with the host resources a VM holds while it is on (dedicated CPUs, a
+/// GPU), written in the same transaction as the state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// As they are.
+    Keep,
+    /// Picked for the VM now (placement), with the pending hardware applied.
+    Take,
+    /// Given back: the VM is off.
+    Free,
+}
+
+/// The outcome of an event in a state: the state after it and what it sets off. A `to` equal
+/// to the current state with no effects changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub to: State,
+    pub hold: Hold,
+    pub effects: &'static [Effect],
+}
+
+impl Step {
+    /// Whether the step changes nothing (the request is already satisfied).
+    pub fn is_noop(&self, from: State) -> bool {
+        self.to == from && self.effects.is_empty() && self.hold == Hold::Keep
+    }
+}
+
+/// A request the current state cannot meet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub state: State,
+    pub event: Event,
+    pub why: &'static str,
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "workspace is {}: {}", self.state, self.why)
+    }
+}
+
+impl From<Refused> for Error {
+    fn from(r: Refused) -> Self {
+        Error::FailedPrecondition(r.to_string())
+    }
+}
+
+/// What `event` does to a workspace in state `from`, or why it is refused.
+pub fn step(from: State, event: Event) -> std::result::Result<Step, Refused> {
+    use Effect as F;
     use Event as E;
     use State as S;
-    let refuse = |why: &str| Err(Error::precondition(format!("workspace is {from}: {why}")));
+    let refuse = |why: &'static str| {
+        Err(Refused {
+            state: from,
+            event,
+            why,
+        })
+    };
+    let go = |to: State, hold: Hold, effects: &'static [Effect]| Ok(Step { to, hold, effects });
+    let stay = || go(from, Hold::Keep, &[]);
     match (from, event) {
-        (S::Stopped | S::Error, E::Start) => Ok(S::Starting),
-        (S::Starting, E::Start) => refuse("it is already starting"),
-        (S::Running, E::Start) => refuse("it is already running"),
+        (S::Stopped | S::Error, E::Start) => go(S::Starting, Hold::Take, &[F::Boot]),
+        // Already under way, or done.
+        (S::Starting | S::Running, E::Start) => stay(),
         (S::Stopping, E::Start) => refuse("wait until it has stopped, then start it"),
         (S::StopFailed, E::Start) => refuse("stop it with --force first"),
 
-        (S::Starting, E::Ready) => Ok(S::Running),
-        (S::Starting, E::BootFailed) => Ok(S::Error),
+        (S::Starting, E::Ready) => go(S::Running, Hold::Keep, &[]),
+        (S::Starting, E::BootFailed) => go(S::Error, Hold::Free, &[F::PowerOff]),
         (
             S::Stopped | S::Running | S::Stopping | S::Error | S::StopFailed,
             E::Ready | E::BootFailed,
         ) => refuse("it is not starting"),
 
-        (S::Starting | S::Running, E::Stop) => Ok(S::Stopping),
-        (S::Stopped, E::Stop) => refuse("it is already stopped"),
-        (S::Stopping, E::Stop) => refuse("it is already stopping"),
+        (S::Starting, E::Stop) => go(S::Stopping, Hold::Keep, &[F::CancelJob, F::Shutdown]),
+        (S::Running, E::Stop) => go(S::Stopping, Hold::Keep, &[F::EndTasks, F::Shutdown]),
+        (S::Stopping | S::Stopped, E::Stop) => stay(),
         (S::Error, E::Stop) => refuse("its VM is not running; start or delete it"),
         (S::StopFailed, E::Stop) => refuse("a graceful stop already failed; use --force"),
 
-        (S::Starting | S::Running | S::Stopping | S::Error | S::StopFailed, E::ForceStop) => {
-            Ok(S::Stopped)
+        (S::Starting | S::Stopping, E::ForceStop) => {
+            go(S::Stopped, Hold::Free, &[F::CancelJob, F::PowerOff])
         }
-        (S::Stopped, E::ForceStop) => refuse("it is already stopped"),
+        (S::Running, E::ForceStop) => go(S::Stopped, Hold::Free, &[F::PowerOff, F::EndTasks]),
+        (S::StopFailed, E::ForceStop) => go(S::Stopped, Hold::Free, &[F::PowerOff]),
+        // Its VM is off already and holds nothing; powering off again makes sure.
+        (S::Error, E::ForceStop) => go(S::Stopped, Hold::Keep, &[F::PowerOff]),
+        (S::Stopped, E::ForceStop) => stay(),
 
-        (S::Starting | S::Running | S::Stopping | S::StopFailed, E::PoweredOff) => Ok(S::Stopped),
+        (S::Starting | S::Stopping, E::PoweredOff) => go(S::Stopped, Hold::Free, &[F::CancelJob]),
+        (S::Running, E::PoweredOff) => go(S::Stopped, Hold::Free, &[F::EndTasks]),
+        (S::StopFailed, E::PoweredOff) => go(S::Stopped, Hold::Free, &[]),
         // Nothing to do: the VM was already known to be off.
-        (S::Stopped | S::Error, E::PoweredOff) => Ok(from),
+        (S::Stopped | S::Error, E::PoweredOff) => stay(),
 
-        (S::Stopping, E::StopTimedOut) => Ok(S::StopFailed),
+        (S::Stopping, E::StopTimedOut) => go(S::StopFailed, Hold::Keep, &[]),
         (S::Stopped | S::Starting | S::Running | S::Error | S::StopFailed, E::StopTimedOut) => {
             refuse("it is not stopping")
         }
 
-        (S::Starting | S::Running | S::Stopping | S::StopFailed, E::Crashed) => Ok(S::Error),
-        (S::Stopped | S::Error, E::Crashed) => Ok(from),
+        (S::Starting | S::Stopping, E::Crashed) => {
+            go(S::Error, Hold::Free, &[F::CancelJob, F::PowerOff])
+        }
+        (S::Running, E::Crashed) => go(S::Error, Hold::Free, &[F::PowerOff, F::EndTasks]),
+        (S::StopFailed, E::Crashed) => go(S::Error, Hold::Free, &[F::PowerOff]),
+        (S::Stopped | S::Error, E::Crashed) => stay(),
     }
+}
+
+/// The state after `event` happens in state `from`, or why it is refused (see [`step`]).
+pub fn transition(from: State, event: Event) -> Result<State> {
+    Ok(step(from, event)?.to)
 }
 
 #[cfg(test)]
@@ -178,12 +270,12 @@ mod tests {
         (S::Stopped, E::Start, Some(S::Starting)),
         (S::Stopped, E::Ready, None),
         (S::Stopped, E::BootFailed, None),
-        (S::Stopped, E::Stop, None),
-        (S::Stopped, E::ForceStop, None),
+        (S::Stopped, E::Stop, Some(S::Stopped)),
+        (S::Stopped, E::ForceStop, Some(S::Stopped)),
         (S::Stopped, E::PoweredOff, Some(S::Stopped)),
         (S::Stopped, E::StopTimedOut, None),
         (S::Stopped, E::Crashed, Some(S::Stopped)),
-        (S::Starting, E::Start, None),
+        (S::Starting, E::Start, Some(S::Starting)),
         (S::Starting, E::Ready, Some(S::Running)),
         (S::Starting, E::BootFailed, Some(S::Error)),
         (S::Starting, E::Stop, Some(S::Stopping)),
@@ -191,7 +283,7 @@ mod tests {
         (S::Starting, E::PoweredOff, Some(S::Stopped)),
         (S::Starting, E::StopTimedOut, None),
         (S::Starting, E::Crashed, Some(S::Error)),
-        (S::Running, E::Start, None),
+        (S::Running, E::Start, Some(S::Running)),
         (S::Running, E::Ready, None),
         (S::Running, E::BootFailed, None),
         (S::Running, E::Stop, Some(S::Stopping)),
@@ -202,7 +294,7 @@ mod tests {
         (S::Stopping, E::Start, None),
         (S::Stopping, E::Ready, None),
         (S::Stopping, E::BootFailed, None),
-        (S::Stopping, E::Stop, None),
+        (S::Stopping, E::Stop, Some(S::Stopping)),
         (S::Stopping, E::ForceStop, Some(S::Stopped)),
         (S::Stopping, E::PoweredOff, Some(S::Stopped)),
         (S::Stopping, E::StopTimedOut, Some(S::StopFailed)),
@@ -255,6 +347,91 @@ mod tests {
                     );
                 }
                 (got, want) => panic!("{from:?} x {event:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    /// Effects and holdings, written out independently of `step` for the steps that change
+    /// something; every other legal step must be a no-op.
+    #[test]
+    fn every_step_sets_off_what_it_must() {
+        use Effect as F;
+        let changes: &[(State, Event, Hold, &[Effect])] = &[
+            (S::Stopped, E::Start, Hold::Take, &[F::Boot]),
+            (S::Error, E::Start, Hold::Take, &[F::Boot]),
+            (S::Starting, E::Ready, Hold::Keep, &[]),
+            (S::Starting, E::BootFailed, Hold::Free, &[F::PowerOff]),
+            (
+                S::Starting,
+                E::Stop,
+                Hold::Keep,
+                &[F::CancelJob, F::Shutdown],
+            ),
+            (S::Running, E::Stop, Hold::Keep, &[F::EndTasks, F::Shutdown]),
+            (
+                S::Starting,
+                E::ForceStop,
+                Hold::Free,
+                &[F::CancelJob, F::PowerOff],
+            ),
+            (
+                S::Stopping,
+                E::ForceStop,
+                Hold::Free,
+                &[F::CancelJob, F::PowerOff],
+            ),
+            (
+                S::Running,
+                E::ForceStop,
+                Hold::Free,
+                &[F::PowerOff, F::EndTasks],
+            ),
+            (S::Error, E::ForceStop, Hold::Keep, &[F::PowerOff]),
+            (S::StopFailed, E::ForceStop, Hold::Free, &[F::PowerOff]),
+            (S::Starting, E::PoweredOff, Hold::Free, &[F::CancelJob]),
+            (S::Stopping, E::PoweredOff, Hold::Free, &[F::CancelJob]),
+            (S::Running, E::PoweredOff, Hold::Free, &[F::EndTasks]),
+            (S::StopFailed, E::PoweredOff, Hold::Free, &[]),
+            (S::Stopping, E::StopTimedOut, Hold::Keep, &[]),
+            (
+                S::Starting,
+                E::Crashed,
+                Hold::Free,
+                &[F::CancelJob, F::PowerOff],
+            ),
+            (
+                S::Stopping,
+                E::Crashed,
+                Hold::Free,
+                &[F::CancelJob, F::PowerOff],
+            ),
+            (
+                S::Running,
+                E::Crashed,
+                Hold::Free,
+                &[F::PowerOff, F::EndTasks],
+            ),
+            (S::StopFailed, E::Crashed, Hold::Free, &[F::PowerOff]),
+        ];
+        for s in ALL_STATES {
+            for e in ALL_EVENTS {
+                let Ok(got) = step(s, e) else { continue };
+                match changes.iter().find(|(f, ev, _, _)| *f == s && *ev == e) {
+                    Some((_, _, hold, effects)) => {
+                        assert_eq!((got.hold, got.effects), (*hold, *effects), "{s:?} x {e:?}");
+                        assert!(!got.is_noop(s), "{s:?} x {e:?}");
+                    }
+                    None => assert!(got.is_noop(s), "{s:?} x {e:?} must change nothing: {got:?}"),
+                }
+            }
+        }
+        // Releasing is exactly the steps into a state whose VM is off from one where it was on.
+        for s in ALL_STATES {
+            for e in ALL_EVENTS {
+                if let Ok(got) = step(s, e) {
+                    let frees = got.to.vm_is_off() && !s.vm_is_off();
+                    assert_eq!(got.hold == Hold::Free, frees, "{s:?} x {e:?}");
+                }
             }
         }
     }

@@ -1,50 +1,48 @@
-//! Starting and stopping: boot and readiness, graceful and forced stop, libvirt lifecycle
-//! events, and reconciliation at daemon start. Long work runs in background tasks that hold
-//! the workspace's operation lock; their final transition is a CAS, so a newer decision by
-//! the user (a forced stop during boot, say) always wins over a stale background task.
+//! Starting and stopping: placement (quota, capacity, dedicated CPUs, GPU), the boot and
+//! readiness job, the graceful-stop job, libvirt lifecycle events and reconcile at daemon
+//! start. The runner of each workspace (`workspace::runner`) decides and records every
+//! transition; this is the work it hands out.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use super::*;
 use crate::hypervisor::leases::LeaseCheck;
+use crate::workspace::runner::{sleep_or_cancel, Input};
 
 impl Manager {
     /// Moves the workspace to `starting` and boots it in the background. Refused (and
-    /// nothing changed) when the host lacks the CPUs or memory it needs.
+    /// nothing changed) when the host or the owner's quota lacks the CPUs or memory it
+    /// needs; a workspace already starting or running is returned as it is.
     pub async fn start_workspace(self: &Arc<Self>, caller: Caller, id: &str) -> Result<Workspace> {
-        let _admission = self.admission.lock().await;
         let ws = self.get_workspace(caller, id)?;
-        state::transition(ws.state, Event::Start)?;
-        self.check_quota_to_run(caller, &ws)?;
-        self.check_capacity(&ws)?;
-        let dedicated = self.allocate_cpus(&ws)?;
-        let gpu = self.allocate_gpu(&ws)?;
-        let mut ws = self.apply(&ws, Event::Start, "")?;
-        if let Some(device) = gpu {
-            self.store.set_gpu_device(&ws.id, Some(&device))?;
-            tracing::info!(workspace = %ws.id, gpu = %device, "GPU attached");
-            ws.gpu_device = Some(device);
-        }
-        if !dedicated.is_empty() {
-            self.store.set_dedicated_cpus(&ws.id, &dedicated)?;
-            tracing::info!(workspace = %ws.id, cpus = ?dedicated, "dedicated host CPUs");
-            ws.dedicated_cpus = dedicated;
-            self.cpus_changed();
-        }
-        let this = Arc::clone(self);
-        let starting = ws.clone();
-        tokio::spawn(async move { this.run_start(starting).await });
-        Ok(ws)
+        self.ask(&ws.id, |r| Input::Start(caller, r)).await
+    }
+
+    /// Picks what `ws` needs to run (for the runner's start transition, in its store
+    /// transaction, given every workspace): refused when `caller`'s quota or the host cannot
+    /// run it; otherwise the host CPUs dedicated to it and its GPU.
+    pub(crate) fn place(
+        &self,
+        caller: Caller,
+        ws: &Workspace,
+        all: &[Workspace],
+    ) -> Result<(Vec<u32>, Option<String>)> {
+        self.check_quota_to_run(caller, ws, all)?;
+        self.check_capacity(ws, all)?;
+        let cpus = self.allocate_cpus(ws, all)?;
+        let gpu = self.allocate_gpu(ws, all)?;
+        Ok((cpus, gpu))
     }
 
     /// Whether the owner's quota lets `ws` run next to its other running workspaces.
-    fn check_quota_to_run(&self, caller: Caller, ws: &Workspace) -> Result<()> {
+    fn check_quota_to_run(&self, caller: Caller, ws: &Workspace, all: &[Workspace]) -> Result<()> {
         let hw = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
-        let running: Vec<Workspace> = self
-            .owned_by(ws.owner_uid)?
-            .into_iter()
-            .filter(|w| w.id != ws.id && !w.state.vm_is_off())
+        let running: Vec<&Workspace> = all
+            .iter()
+            .filter(|w| w.owner_uid == ws.owner_uid && w.id != ws.id && !w.state.vm_is_off())
             .collect();
         let vcpus: u64 = running.iter().map(|w| u64::from(w.hardware.cpus)).sum();
         self.quota(caller, vcpus, Claim::RunningVcpus(hw.cpus))?;
@@ -61,7 +59,7 @@ impl Manager {
 
     /// Whether the host can run `ws` with the hardware it will start with, next to the
     /// workspaces whose VMs are on.
-    fn check_capacity(&self, ws: &Workspace) -> Result<()> {
+    fn check_capacity(&self, ws: &Workspace, all: &[Workspace]) -> Result<()> {
         let hw = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
         let (host_cpus, host_mib) = self.host;
         if hw.cpus > host_cpus {
@@ -71,9 +69,7 @@ impl Manager {
             )));
         }
         let allowed = (host_mib as f64 * self.config.memory_overcommit) as u64;
-        let in_use: u64 = self
-            .store
-            .list_workspaces(&WorkspaceFilter::default(), None)?
+        let in_use: u64 = all
             .iter()
             .filter(|w| w.id != ws.id && !w.state.vm_is_off())
             .map(|w| u64::from(w.hardware.memory_mb))
@@ -92,14 +88,6 @@ impl Manager {
         (0..self.host.0)
             .filter(|c| !self.config.reserved_host_cpus.contains(c))
             .collect()
-    }
-
-    /// Host CPUs held by workspaces whose VM is on (other than `except`).
-    fn dedicated_elsewhere(&self, except: &WorkspaceId) -> Result<Vec<u32>> {
-        let all = self
-            .store
-            .list_workspaces(&WorkspaceFilter::default(), None)?;
-        Ok(held_cpus(&all, Some(except)))
     }
 
     /// Host CPUs dedicated to nobody: where shared workspaces' vCPUs and every workspace's
@@ -158,12 +146,12 @@ impl Manager {
 
     /// For a performance workspace, picks one free dedicatable host CPU per vCPU (lowest
     /// first); refused when too few are free. Shared workspaces get none.
-    fn allocate_cpus(&self, ws: &Workspace) -> Result<Vec<u32>> {
+    fn allocate_cpus(&self, ws: &Workspace, all: &[Workspace]) -> Result<Vec<u32>> {
         let hw = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
         if hw.cpu_kind != crate::model::CpuKind::Performance {
             return Ok(Vec::new());
         }
-        let held = self.dedicated_elsewhere(&ws.id)?;
+        let held = held_cpus(all, Some(&ws.id));
         let dedicatable = self.dedicatable_cpus();
         let free: Vec<u32> = dedicatable
             .iter()
@@ -185,17 +173,15 @@ impl Manager {
 
     /// For a workspace with a GPU kind, picks a GPU of that kind that no running workspace
     /// holds; refused when all are held.
-    fn allocate_gpu(&self, ws: &Workspace) -> Result<Option<String>> {
+    fn allocate_gpu(&self, ws: &Workspace, all: &[Workspace]) -> Result<Option<String>> {
         let hw = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
         let Some(kind) = &hw.gpu_kind else {
             return Ok(None);
         };
-        let holders: Vec<(String, WorkspaceId)> = self
-            .store
-            .list_workspaces(&WorkspaceFilter::default(), None)?
-            .into_iter()
+        let holders: Vec<(&str, &WorkspaceId)> = all
+            .iter()
             .filter(|w| w.id != ws.id && !w.state.vm_is_off())
-            .filter_map(|w| w.gpu_device.map(|d| (d, w.id)))
+            .filter_map(|w| w.gpu_device.as_deref().map(|d| (d, &w.id)))
             .collect();
         let of_kind: Vec<_> = self.gpus.iter().filter(|g| g.kind == *kind).collect();
         if of_kind.is_empty() {
@@ -244,54 +230,38 @@ impl Manager {
             .collect())
     }
 
-    async fn run_start(&self, ws: Workspace) {
-        let lock = self.lock_of(&ws.id);
-        let _guard = lock.lock().await;
-        let booted = async {
-            self.set_phase(&ws.id, "booting");
-            let slot = self
-                .boot_slots
-                .acquire()
-                .await
-                .map_err(|_| Error::Internal("the daemon is shutting down".into()))?;
-            // A stop or delete while it waited for a slot wins: boot nothing.
-            if self.store.get_workspace(&ws.id, None)?.generation != ws.generation {
-                return Ok(Readiness::Superseded);
+    /// The boot job: waits for a boot slot, defines and starts the domain, and waits until
+    /// the guest is ready. Ends early (`Cancelled`) when its runner cancels it, between
+    /// libvirt calls, so a cancelled boot never starts the VM afterwards.
+    pub(crate) async fn boot(
+        &self,
+        ws: &Workspace,
+        mut cancel: watch::Receiver<bool>,
+    ) -> Result<Readiness> {
+        self.set_phase(&ws.id, "booting");
+        let slot = tokio::select! {
+            slot = self.boot_slots.acquire() => {
+                slot.map_err(|_| Error::Internal("the daemon is shutting down".into()))?
             }
-            self.hv.define(&self.spec(&ws)?).await?;
-            self.release_stale_leases(&ws).await;
-            // qemu appends to the console log: keep it bounded across boots.
-            let console = self.layout.console_log(&ws.id);
-            let capped =
-                tokio::task::block_in_place(|| files::cap_log(&console, files::CONSOLE_LOG_MAX));
-            if let Err(e) = capped {
-                tracing::warn!(workspace = %ws.id, error = %e, "cannot cap the console log");
-            }
-            self.hv.start(&ws.id).await?;
-            drop(slot);
-            // The CPUs dedicated elsewhere may have changed since its XML was written.
-            self.cpus_changed();
-            self.wait_ready(&ws).await
-        }
-        .await;
-        let result = match booted {
-            Ok(Readiness::Ready) => self.apply(&ws, Event::Ready, ""),
-            Ok(Readiness::Superseded) => return,
-            Err(e) => {
-                tracing::warn!(workspace = %ws.id, error = %e, "start failed");
-                let reason = format!("start failed: {e}{}", self.console_hint(&ws.id));
-                // Record the failure before powering off, so the power-off event finds the
-                // workspace already in `error`.
-                let recorded = self.apply(&ws, Event::BootFailed, &reason);
-                if recorded.is_ok() {
-                    if let Err(e) = self.hv.destroy(&ws.id).await {
-                        tracing::warn!(workspace = %ws.id, error = %e, "cannot power off the failed VM");
-                    }
-                }
-                recorded
-            }
+            _ = crate::workspace::runner::cancelled(&mut cancel) => return Ok(Readiness::Cancelled),
         };
-        log_background(&ws.id, "start", result);
+        self.hv.define(&self.spec(ws)?).await?;
+        self.release_stale_leases(ws).await;
+        // qemu appends to the console log: keep it bounded across boots.
+        let console = self.layout.console_log(&ws.id);
+        let capped =
+            tokio::task::block_in_place(|| files::cap_log(&console, files::CONSOLE_LOG_MAX));
+        if let Err(e) = capped {
+            tracing::warn!(workspace = %ws.id, error = %e, "cannot cap the console log");
+        }
+        if *cancel.borrow() {
+            return Ok(Readiness::Cancelled);
+        }
+        self.hv.start(&ws.id).await?;
+        drop(slot);
+        // The CPUs dedicated elsewhere may have changed since its XML was written.
+        self.cpus_changed();
+        self.wait_ready(ws, cancel).await
     }
 
     /// Releases leases that would keep the guest from its reserved address: another MAC's
@@ -347,10 +317,15 @@ impl Manager {
         Duration::from_secs(secs)
     }
 
-    /// Waits until the guest's SSH port sends its banner. The test driver has no guest, so
-    /// there the running domain is ready. Gives up when the boot timeout passes, when the VM
-    /// stops, and (without error) when someone else changed the workspace's state.
-    async fn wait_ready(&self, ws: &Workspace) -> Result<Readiness> {
+    /// Waits until the guest's SSH port sends its banner, trying again with a growing pause
+    /// (from 250 ms to 2 s). The test driver has no guest, so there the running domain is
+    /// ready. Gives up when the boot timeout passes, when the VM stops, and (without error)
+    /// when its runner cancels it.
+    async fn wait_ready(
+        &self,
+        ws: &Workspace,
+        mut cancel: watch::Receiver<bool>,
+    ) -> Result<Readiness> {
         if self.hv.domain_type() == DomainType::Test {
             return match self.hv.status(&ws.id).await? {
                 DomainStatus::Active => Ok(Readiness::Ready),
@@ -366,9 +341,10 @@ impl Manager {
         let mut waiting_for_cloud_init = false;
         let timeout = self.boot_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(250);
         loop {
-            if self.store.get_workspace(&ws.id, None)?.generation != ws.generation {
-                return Ok(Readiness::Superseded);
+            if *cancel.borrow() {
+                return Ok(Readiness::Cancelled);
             }
             if self.hv.status(&ws.id).await? != DomainStatus::Active {
                 return Err(Error::Internal("the VM stopped while booting".into()));
@@ -408,7 +384,10 @@ impl Manager {
                     )
                 }));
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            if sleep_or_cancel(pause, &mut cancel).await {
+                return Ok(Readiness::Cancelled);
+            }
+            pause = (pause * 2).min(Duration::from_secs(2));
         }
     }
 
@@ -438,7 +417,7 @@ impl Manager {
     }
 
     /// " (last console lines: …)" for reasons, or "" without a console log.
-    fn console_hint(&self, id: &WorkspaceId) -> String {
+    pub(crate) fn console_hint(&self, id: &WorkspaceId) -> String {
         let tail = tail(&self.layout.console_log(id), 4096).unwrap_or_default();
         let text = String::from_utf8_lossy(&tail);
         let lines: Vec<&str> = text
@@ -462,12 +441,13 @@ impl Manager {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
-                this.on_event(ev);
+                this.on_event(ev).await;
             }
         });
     }
 
-    fn on_event(&self, ev: DomainEvent) {
+    /// Hands a lifecycle event to the runner of the workspace whose domain it concerns.
+    async fn on_event(self: &Arc<Self>, ev: DomainEvent) {
         let Some(id) = ev
             .domain()
             .strip_prefix("aether-")
@@ -475,32 +455,15 @@ impl Manager {
         else {
             return;
         };
-        let Ok(ws) = self.store.get_workspace(&id, None) else {
+        if self.store.get_workspace(&id, None).is_err() {
             return;
-        };
-        let result = match (&ev, ws.state) {
-            // The stop task waiting for this records it, with its reason.
-            (DomainEvent::ShutOff { .. }, State::Stopping) => return,
-            (DomainEvent::ShutOff { .. }, _) => {
-                self.apply(&ws, Event::PoweredOff, "the guest powered itself off")
-            }
-            (DomainEvent::Destroyed { .. }, _) => self.apply(
-                &ws,
-                Event::PoweredOff,
-                "the VM was powered off outside aether",
-            ),
-            (DomainEvent::Crashed { .. }, _) => self.apply(
-                &ws,
-                Event::Crashed,
-                &format!("qemu crashed or failed{}", self.console_hint(&ws.id)),
-            ),
-        };
-        tracing::debug!(workspace = %id, event = ?ev, "lifecycle event");
-        log_background(&id, "lifecycle event", result);
+        }
+        self.send(&id, Input::Domain(ev)).await;
     }
 
     /// A graceful stop moves the workspace to `stopping` and waits for the guest in the
-    /// background; a forced stop destroys the VM and returns `stopped`.
+    /// background; a forced stop powers the VM off and returns `stopped`. A workspace already
+    /// stopping or stopped is returned as it is.
     pub async fn stop_workspace(
         self: &Arc<Self>,
         caller: Caller,
@@ -509,63 +472,34 @@ impl Manager {
     ) -> Result<Workspace> {
         let ws = self.get_workspace(caller, id)?;
         if force {
-            return self.force_stop(&ws).await;
-        }
-        let ws = self.apply(&ws, Event::Stop, "")?;
-        let this = Arc::clone(self);
-        let stopping = ws.clone();
-        tokio::spawn(async move { this.run_stop(stopping, "").await });
-        Ok(ws)
-    }
-
-    pub(super) async fn force_stop(&self, ws: &Workspace) -> Result<Workspace> {
-        // Decide first, so a refused request changes nothing.
-        state::transition(ws.state, Event::ForceStop)?;
-        self.hv.destroy(&ws.id).await?;
-        match self.apply(ws, Event::ForceStop, "") {
-            // The power-off event (or a boot failure) was recorded first: the VM is off,
-            // which is what was asked for.
-            Err(Error::Conflict { now, .. }) if now.vm_is_off() => {
-                self.store.get_workspace(&ws.id, None)
-            }
-            other => other,
+            self.ask(&ws.id, Input::ForceStop).await
+        } else {
+            self.ask(&ws.id, Input::Stop).await
         }
     }
 
-    /// `reason` is recorded with the final `stopped` state ("idle timeout" for idle stops).
-    pub(super) async fn run_stop(&self, ws: Workspace, reason: &str) {
-        let lock = self.lock_of(&ws.id);
-        let _guard = lock.lock().await;
-        let timeout = Duration::from_secs(self.config.stop_timeout_secs);
-        self.set_phase(&ws.id, "shutting down");
-        let result = match self.shutdown_and_wait(&ws.id, timeout).await {
-            Ok(true) => self.apply(&ws, Event::PoweredOff, reason),
-            Ok(false) => self.apply(
-                &ws,
-                Event::StopTimedOut,
-                &format!(
-                    "the guest did not power off within {} s of the ACPI shutdown request",
-                    timeout.as_secs()
-                ),
-            ),
-            Err(e) => self.apply(&ws, Event::StopTimedOut, &format!("stop failed: {e}")),
-        };
-        log_background(&ws.id, "stop", result);
+    pub(crate) fn stop_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.stop_timeout_secs)
     }
 
-    /// Asks for an ACPI shutdown and waits (bounded by `timeout`) for the domain to be off.
-    async fn shutdown_and_wait(&self, id: &WorkspaceId, timeout: Duration) -> Result<bool> {
+    /// The graceful-stop job: asks for an ACPI shutdown and waits until the stop timeout
+    /// passes; whether the VM is off then. The guest's ShutOff event, which the runner gets,
+    /// is what normally ends a stop (the runner then cancels this job).
+    pub(crate) async fn shut_down(
+        &self,
+        id: &WorkspaceId,
+        mut cancel: watch::Receiver<bool>,
+    ) -> Result<bool> {
+        self.set_phase(id, "shutting down");
+        if self.hv.status(id).await? != DomainStatus::Active {
+            return Ok(true);
+        }
         self.hv.shutdown(id).await?;
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if self.hv.status(id).await? != DomainStatus::Active {
-                return Ok(true);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        if sleep_or_cancel(self.stop_timeout(), &mut cancel).await {
+            return Ok(true);
         }
+        // The timeout passed without the event: it may have been missed.
+        Ok(self.hv.status(id).await? != DomainStatus::Active)
     }
 
     /// Resolves every workspace against libvirt before the API is served: missing domains are
@@ -575,46 +509,7 @@ impl Manager {
             .store
             .list_workspaces(&WorkspaceFilter::default(), None)?;
         for ws in all {
-            let mut status = self.hv.status(&ws.id).await?;
-            if status == DomainStatus::Missing {
-                tracing::warn!(workspace = %ws.id, "domain missing; defining it again");
-                self.hv.define(&self.spec(&ws)?).await?;
-                status = DomainStatus::Off;
-            }
-            let active = status == DomainStatus::Active;
-            let result = match (ws.state, active) {
-                // Booted while the daemon was away: wait for readiness again.
-                (State::Starting, true) => {
-                    let this = Arc::clone(self);
-                    let starting = ws.clone();
-                    tokio::spawn(async move { this.run_start(starting).await });
-                    Ok(ws.clone())
-                }
-                (State::Starting, false) => self.apply(
-                    &ws,
-                    Event::BootFailed,
-                    "aetherd restarted while the workspace was starting",
-                ),
-                (State::Running | State::StopFailed, false) => self.apply(
-                    &ws,
-                    Event::PoweredOff,
-                    "found powered off when aetherd started",
-                ),
-                (State::Stopping, false) => self.apply(&ws, Event::PoweredOff, ""),
-                (State::Stopping, true) => {
-                    let this = Arc::clone(self);
-                    let stopping = ws.clone();
-                    tokio::spawn(async move { this.run_stop(stopping, "").await });
-                    Ok(ws.clone())
-                }
-                (State::Stopped | State::Error, true) => {
-                    tracing::warn!(workspace = %ws.id, state = %ws.state, "domain is running although the workspace is not; leaving it alone");
-                    Ok(ws.clone())
-                }
-                (State::Running | State::StopFailed, true)
-                | (State::Stopped | State::Error, false) => Ok(ws.clone()),
-            };
-            log_background(&ws.id, "reconcile", result);
+            self.ask(&ws.id, Input::Reconcile).await?;
         }
         Ok(())
     }
@@ -629,10 +524,11 @@ fn held_cpus(workspaces: &[Workspace], except: Option<&WorkspaceId>) -> Vec<u32>
         .collect()
 }
 
-enum Readiness {
+/// How a boot job ended, when it did not fail.
+pub enum Readiness {
     Ready,
-    /// The workspace's state changed while booting (e.g. it was stopped): not ours to record.
-    Superseded,
+    /// Its runner cancelled it (the workspace was stopped meanwhile): nothing to record.
+    Cancelled,
 }
 
 /// Whether something at `addr` accepts a TCP connection and sends an SSH banner.

@@ -181,7 +181,7 @@ impl Manager {
             self.cancel_idle_timer(id);
             return;
         };
-        let active = self.connections.count(id) > 0 || self.running_tasks(id) > 0;
+        let active = self.is_active(id);
         if ws.state != State::Running || active {
             self.cancel_idle_timer(id);
             if ws.idle_since.is_some() {
@@ -223,26 +223,22 @@ impl Manager {
             .insert(id.clone(), handle.abort_handle());
     }
 
+    /// The idle timer armed at `generation` fired: the runner stops the workspace if it is
+    /// still that idle, running workspace.
     async fn idle_expired(self: &Arc<Self>, id: &WorkspaceId, generation: u64) {
-        let Ok(ws) = self.store.get_workspace(id, None) else {
-            return;
-        };
-        // Anything that changed the workspace or made it active re-armed or cancelled the
-        // timer; these checks only close the race with a change in flight.
-        if ws.generation != generation
-            || ws.state != State::Running
-            || self.connections.count(id) > 0
-        {
-            return;
-        }
         self.idle_timers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
-        tracing::info!(workspace = %id, "idle timeout: stopping");
-        match self.apply(&ws, Event::Stop, "idle timeout") {
-            Ok(stopping) => self.run_stop(stopping, "idle timeout").await,
-            Err(e) => tracing::warn!(workspace = %id, error = %e, "idle stop refused"),
-        }
+        self.send(
+            id,
+            crate::workspace::runner::Input::IdleExpired { generation },
+        )
+        .await;
+    }
+
+    /// Whether a connection or a task keeps `id` from idling.
+    pub(crate) fn is_active(&self, id: &WorkspaceId) -> bool {
+        self.connections.count(id) > 0 || self.running_tasks(id) > 0
     }
 }

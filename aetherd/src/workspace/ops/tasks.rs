@@ -613,7 +613,7 @@ impl Manager {
     }
 
     /// Ends the running tasks of a workspace that left `running`: they are `lost`.
-    pub(super) fn lose_tasks_of(&self, id: &WorkspaceId) {
+    pub(crate) fn lose_tasks_of(&self, id: &WorkspaceId) {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         for t in tasks.values_mut().filter(|t| t.workspace == *id) {
             if let Some(end) = t.end.take() {

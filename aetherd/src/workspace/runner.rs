@@ -1,0 +1,466 @@
+//! One runner per workspace: the task that owns all of a workspace's transitions.
+//!
+//! Its inbox takes the user's requests (start, stop, force stop, update, delete), the
+//! workspace's provisioning at create, libvirt's lifecycle events for its domain, idle
+//! expiry, and reconcile at daemon start. A boot or a graceful stop in flight (the *job*)
+//! reports back to the runner when it ends. For each input the runner reads the row, lets
+//! [`state::step`] decide, carries out the step's effects and writes the new state with
+//! [`Store::write_transition`](crate::store::Store::write_transition): nothing else writes a
+//! workspace's state.
+//!
+//! Invariants:
+//! - Inputs are taken one at a time, so the libvirt work of one workspace never interleaves,
+//!   and a decision is always made on the row as it is.
+//! - Long waits (readiness, a guest's shutdown) run as the job, so the runner keeps taking
+//!   inputs meanwhile; a step that supersedes the job cancels it and waits for it to end
+//!   (it finishes the libvirt call it is in first), so a cancelled boot never starts a VM
+//!   after a forced stop powered it off.
+//! - A graceful stop ends on the guest's ShutOff event, or when the stop timeout passes.
+//! - The inbox is bounded; a runner ends when its workspace is deleted (or not found).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::hypervisor::events::DomainEvent;
+use crate::hypervisor::DomainStatus;
+use crate::model::{HardwareRequest, WorkspaceId};
+use crate::store::{Holdings, Workspace};
+use crate::workspace::ops::{Caller, Manager, Provisioning, Readiness};
+use crate::workspace::state::{self, Effect, Event, Hold, State};
+
+/// How many inputs may wait in a runner's inbox; senders wait beyond that.
+pub const INBOX: usize = 64;
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// What a runner is asked to do.
+pub enum Input {
+    Provision(Box<Provisioning>, Reply<Workspace>),
+    Start(Caller, Reply<Workspace>),
+    Stop(Reply<Workspace>),
+    ForceStop(Reply<Workspace>),
+    Update {
+        caller: Caller,
+        hardware: HardwareRequest,
+        idle_timeout_secs: Option<u64>,
+        reply: Reply<Workspace>,
+    },
+    Delete {
+        force: bool,
+        reply: Reply<()>,
+    },
+    Domain(DomainEvent),
+    /// The idle timer armed at `generation` fired.
+    IdleExpired {
+        generation: u64,
+    },
+    Reconcile(Reply<()>),
+}
+
+/// A boot or a graceful stop in flight.
+struct Job {
+    /// The generation the job was started at (its own transition's).
+    generation: u64,
+    cancel: watch::Sender<bool>,
+    handle: JoinHandle<JobResult>,
+}
+
+enum JobResult {
+    Boot(Result<Readiness>),
+    /// Whether the VM is off.
+    Shutdown(Result<bool>),
+}
+
+/// Whether the runner goes on after an input.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Exit,
+}
+
+/// Starts the runner of `id`; it ends when every sender is gone or the workspace is deleted.
+pub fn spawn(manager: Arc<Manager>, id: WorkspaceId) -> mpsc::Sender<Input> {
+    let (tx, rx) = mpsc::channel(INBOX);
+    let runner = Runner {
+        id,
+        m: manager,
+        rx,
+        job: None,
+        stop_reason: "",
+    };
+    let own = tx.clone();
+    tokio::spawn(runner.run(own));
+    tx
+}
+
+struct Runner {
+    id: WorkspaceId,
+    m: Arc<Manager>,
+    rx: mpsc::Receiver<Input>,
+    job: Option<Job>,
+    /// The reason the graceful stop in flight records when it ends ("idle timeout").
+    stop_reason: &'static str,
+}
+
+impl Runner {
+    async fn run(mut self, own: mpsc::Sender<Input>) {
+        // Its own sender only identifies it in the registry; holding it would keep the
+        // inbox open forever.
+        let me = own.downgrade();
+        drop(own);
+        loop {
+            let next = match &mut self.job {
+                Some(job) => tokio::select! {
+                    input = self.rx.recv() => Ok(input),
+                    done = &mut job.handle => Err(done),
+                },
+                None => Ok(self.rx.recv().await),
+            };
+            match next {
+                Ok(None) => break,
+                Ok(Some(input)) => {
+                    if self.on_input(input).await == Flow::Exit {
+                        break;
+                    }
+                }
+                Err(done) => {
+                    let job = self.job.take().expect("a job was running");
+                    let result = done.unwrap_or_else(|e| {
+                        JobResult::Boot(Err(Error::Internal(format!("the job panicked: {e}"))))
+                    });
+                    self.on_job_done(job.generation, result).await;
+                }
+            }
+        }
+        self.cancel_job().await;
+        if let Some(me) = me.upgrade() {
+            self.m.runner_ended(&self.id, &me);
+        }
+    }
+
+    async fn on_input(&mut self, input: Input) -> Flow {
+        let ws = match self.m.store().get_workspace(&self.id, None) {
+            Ok(ws) => ws,
+            Err(e) => {
+                reply_err(input, e);
+                return Flow::Exit;
+            }
+        };
+        match input {
+            Input::Provision(p, reply) => {
+                let result = self.m.provision_or_undo(&ws, &p).await;
+                let failed = result.is_err();
+                let _ = reply.send(result.map(|()| ws));
+                if failed {
+                    return Flow::Exit;
+                }
+            }
+            Input::Start(caller, reply) => {
+                let _ = reply.send(self.apply(ws, Event::Start, "", Some(caller)).await);
+            }
+            Input::Stop(reply) => {
+                self.stop_reason = "";
+                let _ = reply.send(self.apply(ws, Event::Stop, "", None).await);
+            }
+            Input::ForceStop(reply) => {
+                let _ = reply.send(self.apply(ws, Event::ForceStop, "", None).await);
+            }
+            Input::Update {
+                caller,
+                hardware,
+                idle_timeout_secs,
+                reply,
+            } => {
+                let result = self
+                    .m
+                    .update(caller, &ws, &hardware, idle_timeout_secs)
+                    .await;
+                let _ = reply.send(result);
+            }
+            Input::Delete { force, reply } => {
+                let result = self.delete(ws, force).await;
+                let deleted = result.is_ok();
+                let _ = reply.send(result);
+                if deleted {
+                    return Flow::Exit;
+                }
+            }
+            Input::Domain(ev) => self.on_domain_event(ws, ev).await,
+            Input::IdleExpired { generation } => self.on_idle_expired(ws, generation).await,
+            Input::Reconcile(reply) => {
+                let _ = reply.send(self.reconcile(ws).await);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Decides `event` for `ws` and carries it out: the effects that must come first, the
+    /// transition in one store transaction (placing the VM for a start, as `caller`), then
+    /// the rest. A request that is already satisfied returns the workspace unchanged.
+    async fn apply(
+        &mut self,
+        ws: Workspace,
+        event: Event,
+        reason: &str,
+        caller: Option<Caller>,
+    ) -> Result<Workspace> {
+        let step = state::step(ws.state, event)?;
+        if step.is_noop(ws.state) {
+            return Ok(ws);
+        }
+        if step.effects.contains(&Effect::CancelJob) {
+            self.cancel_job().await;
+        }
+        if step.effects.contains(&Effect::PowerOff) {
+            if let Err(e) = self.m.hv().destroy(&ws.id).await {
+                // A forced stop that cannot power the VM off changes nothing; for a failure
+                // or crash, the state is recorded all the same.
+                if event == Event::ForceStop {
+                    return Err(e);
+                }
+                tracing::warn!(workspace = %ws.id, error = %e, "cannot power off the VM");
+            }
+        }
+        let place = |me: &Workspace, all: &[Workspace]| {
+            let caller = caller.unwrap_or(Caller {
+                uid: me.owner_uid,
+                admin: true,
+            });
+            self.m.place(caller, me, all)
+        };
+        let holdings = match step.hold {
+            Hold::Keep => Holdings::Keep,
+            Hold::Free => Holdings::Free,
+            Hold::Take => Holdings::Take(&place),
+        };
+        let updated = self
+            .m
+            .store()
+            .write_transition(&ws, step.to, reason, holdings)?;
+        for effect in step.effects {
+            match effect {
+                Effect::CancelJob | Effect::PowerOff => {}
+                Effect::EndTasks => self.m.lose_tasks_of(&ws.id),
+                Effect::Boot => self.spawn_boot(&updated),
+                Effect::Shutdown => self.spawn_shutdown(&updated),
+            }
+        }
+        self.m.transitioned(&ws, &updated);
+        Ok(updated)
+    }
+
+    fn spawn_job(
+        &mut self,
+        ws: &Workspace,
+        work: impl FnOnce(Arc<Manager>, Workspace, watch::Receiver<bool>) -> JoinHandle<JobResult>,
+    ) {
+        let (cancel, cancelled) = watch::channel(false);
+        let handle = work(Arc::clone(&self.m), ws.clone(), cancelled);
+        self.job = Some(Job {
+            generation: ws.generation,
+            cancel,
+            handle,
+        });
+    }
+
+    fn spawn_boot(&mut self, ws: &Workspace) {
+        self.spawn_job(ws, |m, ws, cancelled| {
+            tokio::spawn(async move { JobResult::Boot(m.boot(&ws, cancelled).await) })
+        });
+    }
+
+    fn spawn_shutdown(&mut self, ws: &Workspace) {
+        self.spawn_job(ws, |m, ws, cancelled| {
+            tokio::spawn(async move { JobResult::Shutdown(m.shut_down(&ws.id, cancelled).await) })
+        });
+    }
+
+    /// Cancels the job in flight, if any, and waits for it to end.
+    async fn cancel_job(&mut self) {
+        if let Some(job) = self.job.take() {
+            let _ = job.cancel.send(true);
+            let _ = job.handle.await;
+        }
+    }
+
+    async fn on_job_done(&mut self, generation: u64, result: JobResult) {
+        let ws = match self.m.store().get_workspace(&self.id, None) {
+            Ok(ws) => ws,
+            Err(e) => {
+                tracing::debug!(workspace = %self.id, error = %e, "job ended for a workspace that is gone");
+                return;
+            }
+        };
+        if ws.generation != generation {
+            return;
+        }
+        let (event, reason) = match result {
+            JobResult::Boot(Ok(Readiness::Ready)) => (Event::Ready, String::new()),
+            JobResult::Boot(Ok(Readiness::Cancelled)) => return,
+            JobResult::Boot(Err(e)) => {
+                tracing::warn!(workspace = %ws.id, error = %e, "start failed");
+                (
+                    Event::BootFailed,
+                    format!("start failed: {e}{}", self.m.console_hint(&ws.id)),
+                )
+            }
+            JobResult::Shutdown(Ok(true)) => (Event::PoweredOff, self.stop_reason.to_owned()),
+            JobResult::Shutdown(Ok(false)) => (
+                Event::StopTimedOut,
+                format!(
+                    "the guest did not power off within {} s of the ACPI shutdown request",
+                    self.m.stop_timeout().as_secs()
+                ),
+            ),
+            JobResult::Shutdown(Err(e)) => (Event::StopTimedOut, format!("stop failed: {e}")),
+        };
+        let result = self.apply(ws, event, &reason, None).await;
+        log_result(&self.id, "job", result);
+    }
+
+    async fn on_domain_event(&mut self, ws: Workspace, ev: DomainEvent) {
+        tracing::debug!(workspace = %ws.id, event = ?ev, "lifecycle event");
+        let (event, reason) = match (&ev, ws.state) {
+            (DomainEvent::ShutOff { .. }, State::Stopping) => {
+                (Event::PoweredOff, self.stop_reason.to_owned())
+            }
+            (DomainEvent::ShutOff { .. }, _) => {
+                (Event::PoweredOff, "the guest powered itself off".to_owned())
+            }
+            (DomainEvent::Destroyed { .. }, _) => (
+                Event::PoweredOff,
+                "the VM was powered off outside aether".to_owned(),
+            ),
+            (DomainEvent::Crashed { .. }, _) => (
+                Event::Crashed,
+                format!("qemu crashed or failed{}", self.m.console_hint(&ws.id)),
+            ),
+        };
+        let result = self.apply(ws, event, &reason, None).await;
+        log_result(&self.id, "lifecycle event", result);
+    }
+
+    async fn on_idle_expired(&mut self, ws: Workspace, generation: u64) {
+        // Anything that changed the workspace or made it active re-armed or cancelled the
+        // timer; these checks only close the race with a change in flight.
+        if ws.generation != generation || ws.state != State::Running || self.m.is_active(&ws.id) {
+            return;
+        }
+        tracing::info!(workspace = %ws.id, "idle timeout: stopping");
+        self.stop_reason = "idle timeout";
+        let result = self.apply(ws, Event::Stop, "idle timeout", None).await;
+        log_result(&self.id, "idle stop", result);
+    }
+
+    /// Deletes the domain, volume, seed, reservation and row. Without `force` the VM must be
+    /// off; with it, it is powered off first.
+    async fn delete(&mut self, mut ws: Workspace, force: bool) -> Result<()> {
+        if !ws.state.deletable() {
+            if !force {
+                return Err(Error::precondition(format!(
+                    "workspace is {}: stop it first, or delete with --force",
+                    ws.state
+                )));
+            }
+            ws = self.apply(ws, Event::ForceStop, "", None).await?;
+        }
+        self.cancel_job().await;
+        self.m.deprovision(&ws).await?;
+        self.m.store().delete_workspace(&ws)?;
+        self.m.deleted(&ws);
+        Ok(())
+    }
+
+    /// Brings the row and libvirt in line after a daemon start: a missing domain is defined
+    /// again, a transitional state is settled or its job resumed. Nothing is deleted.
+    async fn reconcile(&mut self, ws: Workspace) -> Result<()> {
+        let mut status = self.m.hv().status(&ws.id).await?;
+        if status == DomainStatus::Missing {
+            tracing::warn!(workspace = %ws.id, "domain missing; defining it again");
+            self.m.define(&ws).await?;
+            status = DomainStatus::Off;
+        }
+        let active = status == DomainStatus::Active;
+        let result = match (ws.state, active) {
+            // Booted while the daemon was away: wait for readiness again.
+            (State::Starting, true) => {
+                self.spawn_boot(&ws);
+                Ok(ws)
+            }
+            (State::Starting, false) => {
+                self.apply(
+                    ws,
+                    Event::BootFailed,
+                    "aetherd restarted while the workspace was starting",
+                    None,
+                )
+                .await
+            }
+            (State::Running | State::StopFailed, false) => {
+                self.apply(
+                    ws,
+                    Event::PoweredOff,
+                    "found powered off when aetherd started",
+                    None,
+                )
+                .await
+            }
+            (State::Stopping, false) => self.apply(ws, Event::PoweredOff, "", None).await,
+            (State::Stopping, true) => {
+                self.stop_reason = "";
+                self.spawn_shutdown(&ws);
+                Ok(ws)
+            }
+            (State::Stopped | State::Error, true) => {
+                tracing::warn!(workspace = %ws.id, state = %ws.state, "domain is running although the workspace is not; leaving it alone");
+                Ok(ws)
+            }
+            (State::Running | State::StopFailed, true) | (State::Stopped | State::Error, false) => {
+                Ok(ws)
+            }
+        };
+        log_result(&self.id, "reconcile", result);
+        Ok(())
+    }
+}
+
+/// Answers an input that cannot be handled (its workspace is gone) with `e`.
+fn reply_err(input: Input, e: Error) {
+    match input {
+        Input::Provision(_, r)
+        | Input::Start(_, r)
+        | Input::Stop(r)
+        | Input::ForceStop(r)
+        | Input::Update { reply: r, .. } => {
+            let _ = r.send(Err(e));
+        }
+        Input::Delete { reply, .. } | Input::Reconcile(reply) => {
+            let _ = reply.send(Err(e));
+        }
+        Input::Domain(_) | Input::IdleExpired { .. } => {}
+    }
+}
+
+fn log_result(id: &WorkspaceId, what: &str, result: Result<Workspace>) {
+    match result {
+        Ok(ws) => tracing::debug!(workspace = %id, state = %ws.state, "{what} handled"),
+        Err(e) => tracing::warn!(workspace = %id, error = %e, "{what} could not be carried out"),
+    }
+}
+
+/// Resolves when `cancelled` turns true (or its runner is gone).
+pub async fn cancelled(cancelled: &mut watch::Receiver<bool>) {
+    let _ = cancelled.wait_for(|c| *c).await;
+}
+
+/// Sleeps `d`, or less when cancelled; returns whether it was cancelled.
+pub async fn sleep_or_cancel(d: Duration, cancel: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *cancel.borrow(),
+        _ = cancelled(cancel) => true,
+    }
+}
