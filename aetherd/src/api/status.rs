@@ -1,0 +1,22 @@
+//! The one mapping from the daemon's [`Error`] to a gRPC [`Status`]: the only place in the
+//! API that picks a status code for a daemon error.
+
+use tonic::Status;
+
+use crate::error::Error;
+
+/// The single mapping from the daemon's errors to gRPC status codes.
+pub fn status(e: Error) -> Status {
+    let msg = e.to_string();
+    match e {
+        Error::InvalidArgument(_) => Status::invalid_argument(msg),
+        Error::NotFound { .. } => Status::not_found(msg),
+        Error::AlreadyExists(_) => Status::already_exists(msg),
+        Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+        Error::Conflict { .. } => Status::aborted(msg),
+        Error::PermissionDenied(_) => Status::permission_denied(msg),
+        Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
+        Error::Libvirt(_) | Error::LibvirtTimeout(..) => Status::unavailable(msg),
+        Error::Store(_) | Error::Internal(_) => Status::internal(msg),
+    }
+}
