@@ -1,0 +1,115 @@
+//! Where the daemon keeps its files ([`Layout`]: pool, boot files, console logs, staging,
+//! keys), and the move of a checked disk into the pool ([`move_into_pool`]).
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::files::set_mode;
+
+use super::check::{CheckedDisk, FileId};
+use super::{refused, DiskFormat, ImageId};
+
+/// Moves the disk checked as `checked` from `src` (in the state dir's tmp) to `dest` in the
+/// pool, and makes sure what arrived is the file that was checked. On an error `dest` may
+/// exist; the caller removes it.
+pub fn move_into_pool(checked: &CheckedDisk, src: &Path, dest: &Path) -> Result<()> {
+    if checked.format != DiskFormat::Qcow2 {
+        return Err(Error::Internal(
+            "only a checked qcow2 goes into the pool".into(),
+        ));
+    }
+    std::fs::rename(src, dest)
+        .map_err(|e| Error::Internal(format!("cannot move image to {}: {e}", dest.display())))?;
+    let meta = std::fs::symlink_metadata(dest)
+        .map_err(|e| Error::Internal(format!("cannot read {}: {e}", dest.display())))?;
+    if !meta.is_file() || FileId::of(&meta) != checked.id {
+        return Err(refused("the file changed after it was checked"));
+    }
+    Ok(())
+}
+
+/// Where the daemon keeps files, all under the state dir.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub state_dir: PathBuf,
+}
+
+impl Layout {
+    /// The `aether` dir pool: base images, root volumes, seeds.
+    pub fn pool(&self) -> PathBuf {
+        self.state_dir.join("pool")
+    }
+
+    pub fn boot_dir(&self, image: &ImageId) -> PathBuf {
+        self.state_dir.join("boot").join(image.to_string())
+    }
+
+    pub fn kernel(&self, image: &ImageId) -> PathBuf {
+        self.boot_dir(image).join("vmlinuz")
+    }
+
+    pub fn initrd(&self, image: &ImageId) -> PathBuf {
+        self.boot_dir(image).join("initrd.img")
+    }
+
+    pub fn console_dir(&self) -> PathBuf {
+        self.state_dir.join("console")
+    }
+
+    pub fn console_log(&self, ws: &crate::model::WorkspaceId) -> PathBuf {
+        self.console_dir().join(format!("{ws}.log"))
+    }
+
+    pub fn tmp(&self) -> PathBuf {
+        self.state_dir.join("tmp")
+    }
+
+    pub fn keys(&self) -> PathBuf {
+        self.state_dir.join("keys")
+    }
+
+    /// Creates the directories (again: modes are set each time, fixing older ones). qemu,
+    /// running as its own user, must traverse the state, pool, boot and console dirs: they
+    /// are `0750` with group `qemu` (see [`crate::privacy`]); the rest is root's alone.
+    pub fn create(&self, qemu: Option<u32>) -> Result<()> {
+        for (dir, for_qemu) in [
+            (self.state_dir.clone(), true),
+            (self.pool(), true),
+            (self.state_dir.join("boot"), true),
+            (self.console_dir(), true),
+            (self.tmp(), false),
+            (self.keys(), false),
+        ] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            if for_qemu {
+                crate::privacy::share_with_qemu(&dir, qemu, 0o750)?;
+            } else {
+                set_mode(&dir, 0o700)?;
+            }
+        }
+        self.remove_stale_uploads()
+    }
+
+    /// Where an import stages its upload: `<tmp>/upload-<token>`, one per import.
+    pub fn upload_dir(&self, token: &str) -> PathBuf {
+        self.tmp().join(format!("upload-{token}"))
+    }
+
+    /// Removes every staging directory of an import (`<tmp>/upload-*`). At start no import
+    /// runs, so these are left by a daemon that died during one (their reservations are
+    /// dropped when the store opens).
+    fn remove_stale_uploads(&self) -> Result<()> {
+        let tmp = self.tmp();
+        let entries = std::fs::read_dir(&tmp)
+            .map_err(|e| Error::Internal(format!("cannot read {}: {e}", tmp.display())))?;
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("upload-") {
+                let path = entry.path();
+                tracing::info!(path = %path.display(), "removing an upload left by an interrupted import");
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            }
+        }
+        Ok(())
+    }
+}
