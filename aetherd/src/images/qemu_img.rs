@@ -150,10 +150,11 @@ pub(super) const INSPECT_LIMITS: Limits = Limits {
     wall: Duration::from_secs(60),
 };
 
-/// For converting a raw disk of `len` bytes: the same memory, time growing with the size.
+/// For converting a raw disk of `len` bytes: more address space (its I/O worker threads each
+/// reserve a stack, and a slow disk makes it start more of them), time growing with the size.
 fn convert_limits(len: u64) -> Limits {
     Limits {
-        address_space: 1 << 30,
+        address_space: 2 << 30,
         cpu_secs: 30 + len / (64 << 20),
         wall: Duration::from_secs(60 + len / (16 << 20)),
     }
@@ -177,6 +178,10 @@ async fn run_limited(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env("LC_ALL", "C")
+        // glibc reserves 64 MiB of address space per malloc arena, and makes up to eight per
+        // CPU as threads contend: with the address-space limit that can make an allocation
+        // fail (and qemu-img abort) under load. Two arenas are plenty for qemu-img.
+        .env("MALLOC_ARENA_MAX", "2")
         .kill_on_drop(true);
     let Limits {
         address_space,
