@@ -9,7 +9,7 @@ use tonic::Status;
 
 use crate::model::{ProjectId, WorkspaceId};
 use crate::store::{TaskRow, Workspace};
-use crate::workspace::ops::live::{Change, ChangeKind};
+use crate::workspace::ops::live::{Change, ChangeKind, Runtime};
 use crate::workspace::ops::tasks::{Frame, TaskLogReader};
 use crate::workspace::ops::{Caller, Manager};
 
@@ -190,7 +190,10 @@ pub(super) fn watch_stream(
                 ChangeKind::Changed => pb::workspace_event::Kind::Changed,
                 ChangeKind::Deleted => pb::workspace_event::Kind::Deleted,
             };
-            let rt = manager.runtime(&ws);
+            let rt = Runtime {
+                phase: change.phase,
+                ..manager.runtime(&ws)
+            };
             if tx
                 .send(event(change.seq, kind, Some(workspace_to_pb(ws, rt))))
                 .await

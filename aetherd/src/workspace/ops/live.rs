@@ -21,6 +21,9 @@ pub struct Change {
     pub seq: u64,
     pub kind: ChangeKind,
     pub workspace: Workspace,
+    /// The phase when the change was published (a watcher may send it later, when the
+    /// phase has moved on).
+    pub phase: &'static str,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,12 +55,14 @@ impl Manager {
     }
 
     pub(super) fn publish(&self, kind: ChangeKind, workspace: &Workspace) {
+        let phase = self.phase_of(&workspace.id);
         let seq = self.next_seq();
         // No subscriber is fine.
         let _ = self.changes.send(Change {
             seq,
             kind,
             workspace: workspace.clone(),
+            phase,
         });
     }
 
@@ -85,14 +90,17 @@ impl Manager {
             .unwrap_or_else(|| self.config.idle_timeout_secs())
     }
 
-    pub fn runtime(&self, ws: &Workspace) -> Runtime {
-        let phase = self
-            .phases
+    fn phase_of(&self, id: &WorkspaceId) -> &'static str {
+        self.phases
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&ws.id)
+            .get(id)
             .copied()
-            .unwrap_or("");
+            .unwrap_or("")
+    }
+
+    pub fn runtime(&self, ws: &Workspace) -> Runtime {
+        let phase = self.phase_of(&ws.id);
         let timeout = self.idle_timeout_of(ws);
         Runtime {
             phase,
