@@ -8,6 +8,7 @@ pub mod api;
 pub mod cloudinit;
 pub mod config;
 pub mod error;
+pub mod fault;
 pub mod files;
 pub mod hypervisor;
 pub mod images;

@@ -170,6 +170,15 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX workspaces_project ON workspaces(project_id);
     CREATE UNIQUE INDEX workspaces_mac ON workspaces(mac);
     CREATE UNIQUE INDEX workspaces_ip ON workspaces(ip);",
+    // 11: provisioning as recorded steps. A row is written `creating` before any of its
+    // host resources is made and loses the mark once all are; a delete marks it `deleting`
+    // before the first is removed. Reconcile at start-up undoes a `creating` row and finishes
+    // a `deleting` one. The guest's host private key and the authorized keys are kept so a
+    // seed can be written again.
+    "ALTER TABLE workspaces ADD COLUMN provisioning TEXT
+         CHECK (provisioning IN ('creating','deleting'));
+    ALTER TABLE workspaces ADD COLUMN ssh_host_private_key TEXT NOT NULL DEFAULT '';
+    ALTER TABLE workspaces ADD COLUMN authorized_keys TEXT NOT NULL DEFAULT '[]';",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -208,6 +217,39 @@ pub struct Workspace {
     pub dedicated_cpus: Vec<u32>,
     /// The GPU (node device name) it holds while its VM runs.
     pub gpu_device: Option<String>,
+    /// Set while its host resources are being made or removed (see migration 11).
+    pub provisioning: Option<Provisioning>,
+}
+
+/// A workspace whose host resources are not all there: being made, or being removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provisioning {
+    Creating,
+    Deleting,
+}
+
+impl Provisioning {
+    fn as_str(self) -> &'static str {
+        match self {
+            Provisioning::Creating => "creating",
+            Provisioning::Deleting => "deleting",
+        }
+    }
+
+    fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "creating" => Ok(Provisioning::Creating),
+            "deleting" => Ok(Provisioning::Deleting),
+            other => Err(format!("unknown provisioning mark {other:?}")),
+        }
+    }
+}
+
+/// What a workspace's seed is written from, besides the row: secrets, so never part of
+/// [`Workspace`] (which is logged and sent around).
+pub struct SeedMaterial {
+    pub host_private_key: String,
+    pub authorized_keys: Vec<String>,
 }
 
 /// What a new workspace row is made of.
@@ -220,6 +262,7 @@ pub struct NewWorkspace<'a> {
     pub image: Option<&'a str>,
     pub login_user: &'a str,
     pub ssh_host_public_key: &'a str,
+    pub seed: &'a SeedMaterial,
     pub mac: Option<&'a str>,
     /// The network to reserve an address in, chosen in the insert's own transaction (so two
     /// creates cannot pick the same one); `None`: no address.
@@ -268,7 +311,8 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
 
 const WORKSPACE_COLUMNS: &str = "w.id, w.project_id, p.name, w.owner_uid, w.uuid, w.state, \
      w.generation, w.reason, w.hardware, w.pending_hardware, w.created_at, w.image, w.login_user, \
-     w.ssh_host_public_key, w.mac, w.ip, w.idle_timeout_secs, w.idle_since, w.dedicated_cpus, w.gpu_device";
+     w.ssh_host_public_key, w.mac, w.ip, w.idle_timeout_secs, w.idle_since, w.dedicated_cpus, w.gpu_device, \
+     w.provisioning";
 
 fn workspace_from_row(r: &Row<'_>) -> rusqlite::Result<Workspace> {
     let hw = |s: String| serde_json::from_str::<Hardware>(&s).map_err(|e| corrupt("hardware", e));
@@ -302,6 +346,10 @@ fn workspace_from_row(r: &Row<'_>) -> rusqlite::Result<Workspace> {
             .transpose()?
             .unwrap_or_default(),
         gpu_device: r.get(19)?,
+        provisioning: r
+            .get::<_, Option<String>>(20)?
+            .map(|s| Provisioning::parse(&s).map_err(|e| corrupt("provisioning", e)))
+            .transpose()?,
     })
 }
 
@@ -452,8 +500,10 @@ impl Store {
             let created_at = now();
             let res = tx.execute(
                 "INSERT INTO workspaces (id, project_id, owner_uid, uuid, state, hardware, created_at,
-                     updated_at, image, login_user, ssh_host_public_key, mac, ip, idle_timeout_secs)
-                 VALUES (?1, ?2, ?3, ?4, 'stopped', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                     updated_at, image, login_user, ssh_host_public_key, mac, ip, idle_timeout_secs,
+                     provisioning, ssh_host_private_key, authorized_keys)
+                 VALUES (?1, ?2, ?3, ?4, 'stopped', ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12,
+                     'creating', ?13, ?14)",
                 params![
                     id.as_str(),
                     project.id.as_str(),
@@ -466,7 +516,9 @@ impl Store {
                     new.ssh_host_public_key,
                     new.mac,
                     ip.map(|ip| ip.to_string()),
-                    new.idle_timeout_secs.map(|v| v as i64)
+                    new.idle_timeout_secs.map(|v| v as i64),
+                    new.seed.host_private_key,
+                    serde_json::to_string(&new.seed.authorized_keys).expect("serializes")
                 ],
             );
             match res {
@@ -493,6 +545,7 @@ impl Store {
                         idle_since: None,
                         dedicated_cpus: Vec::new(),
                         gpu_device: None,
+                        provisioning: Some(Provisioning::Creating),
                     });
                 }
                 Err(rusqlite::Error::SqliteFailure(e, msg))
@@ -632,6 +685,49 @@ impl Store {
                 ws.generation as i64
             ],
         )
+    }
+
+    /// Clears the provisioning mark of a workspace whose host resources are all made.
+    pub fn finish_provisioning(&self, id: &WorkspaceId) -> Result<()> {
+        self.conn().execute(
+            "UPDATE workspaces SET provisioning = NULL WHERE id = ?1 AND provisioning = 'creating'",
+            [id.as_str()],
+        )?;
+        Ok(())
+    }
+
+    /// Marks `ws` as being deleted, gated on its generation (which it moves on, so nothing
+    /// decided on the row before can still win); returns the row as written.
+    pub fn mark_deleting(&self, ws: &Workspace) -> Result<Workspace> {
+        self.gated_update(
+            ws,
+            "UPDATE workspaces SET provisioning = ?1, generation = generation + 1, updated_at = ?2
+             WHERE id = ?3 AND generation = ?4",
+            params![
+                Provisioning::Deleting.as_str(),
+                now(),
+                ws.id.as_str(),
+                ws.generation as i64
+            ],
+        )
+    }
+
+    /// The secrets a seed of `id` is written from.
+    pub fn seed_material(&self, id: &WorkspaceId) -> Result<SeedMaterial> {
+        let (key, keys): (String, String) = self
+            .conn()
+            .query_row(
+                "SELECT ssh_host_private_key, authorized_keys FROM workspaces WHERE id = ?1",
+                [id.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| Error::not_found("workspace", id.as_str()))?;
+        Ok(SeedMaterial {
+            host_private_key: key,
+            authorized_keys: serde_json::from_str(&keys)
+                .map_err(|e| Error::Internal(format!("authorized keys of {id}: {e}")))?,
+        })
     }
 
     /// Records (or clears) the idle clock. Bookkeeping, not a state change: not gated.
@@ -1147,6 +1243,10 @@ mod tests {
             image: None,
             login_user: "dev",
             ssh_host_public_key: "",
+            seed: &SeedMaterial {
+                host_private_key: String::new(),
+                authorized_keys: Vec::new(),
+            },
             mac: None,
             subnet: None,
             idle_timeout_secs: None,

@@ -242,6 +242,35 @@ impl TestEnv {
     }
 
     pub fn start_daemon(&mut self) {
+        self.start_daemon_with(&[]);
+    }
+
+    /// Starts the daemon with a fault-injection point armed (`AETHERD_FAULT`, debug builds):
+    /// it kills itself with SIGKILL when it gets there (see [`TestEnv::wait_killed`]).
+    pub fn start_daemon_with_fault(&mut self, point: &str) {
+        self.start_daemon_with(&[("AETHERD_FAULT", point)]);
+    }
+
+    /// Waits (at most 60 s) for a daemon started with a fault point to have killed itself.
+    pub fn wait_killed(&mut self, point: &str) {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = self.daemon.take().expect("a daemon was started");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "aetherd did not reach fault point {point}:\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.signal(), Some(9), "at {point}: {status}");
+    }
+
+    fn start_daemon_with(&mut self, env: &[(&str, &str)]) {
         assert!(self.daemon.is_none(), "daemon already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -250,6 +279,7 @@ impl TestEnv {
             .unwrap();
         let mut child = self
             .daemon_command()
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -383,6 +413,23 @@ impl TestEnv {
 
     /// Waits (bounded) until the workspace is in `state`; fails at once if it ends in `error`
     /// instead.
+    /// Waits until `id` is in one of `states` (error included, if listed).
+    pub fn wait_for_state_in(&self, id: &str, states: &[&str], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.state_of(id);
+            if states.contains(&now.as_str()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} is {now}, not one of {states:?}, after {timeout:?}\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn wait_for_state(&self, id: &str, state: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {

@@ -96,17 +96,18 @@ impl Layout {
         self.tmp().join(format!("upload-{token}"))
     }
 
-    /// Removes every staging directory of an import (`<tmp>/upload-*`). At start no import
-    /// runs, so these are left by a daemon that died during one (their reservations are
-    /// dropped when the store opens).
+    /// Removes every staging directory of an import (`<tmp>/upload-*`) and of a key
+    /// generation (`<tmp>/.keygen-*`). At start nothing runs, so these are left by a daemon
+    /// that died during one (an import's reservation is dropped when the store opens).
     fn remove_stale_uploads(&self) -> Result<()> {
         let tmp = self.tmp();
         let entries = std::fs::read_dir(&tmp)
             .map_err(|e| Error::Internal(format!("cannot read {}: {e}", tmp.display())))?;
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with("upload-") {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("upload-") || name.starts_with(".keygen-") {
                 let path = entry.path();
-                tracing::info!(path = %path.display(), "removing an upload left by an interrupted import");
+                tracing::info!(path = %path.display(), "removing staging files left by an interrupted import or create");
                 let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
             }
         }

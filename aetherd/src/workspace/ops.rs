@@ -24,7 +24,10 @@ use crate::model::{
 };
 use crate::network::{self, Subnet};
 use crate::quota::Claim;
-use crate::store::{NewWorkspace, Owner, Project, Store, TaskRow, Workspace, WorkspaceFilter};
+use crate::store::{
+    NewWorkspace, Owner, Project, Provisioning as Mark, SeedMaterial, Store, TaskRow, Workspace,
+    WorkspaceFilter,
+};
 use crate::tunnel::Connections;
 use crate::workspace::runner::{self, Input};
 use crate::workspace::state::State;
@@ -454,6 +457,10 @@ impl Manager {
             Claim::VolumeGb(u64::from(hardware.volume_size_gb)),
         )?;
         let image_id = image.id.to_string();
+        let seed = SeedMaterial {
+            host_private_key: host_key.private.clone(),
+            authorized_keys: keys,
+        };
         let ws = self.store.insert_workspace(&NewWorkspace {
             id,
             project: &project,
@@ -463,16 +470,13 @@ impl Manager {
             image: Some(&image_id),
             login_user: &req.login_user,
             ssh_host_public_key: &host_key.public,
+            seed: &seed,
             mac: Some(&mac),
             subnet: Some(self.subnet),
             idle_timeout_secs,
         })?;
         drop(creating);
-        let provisioning = Provisioning {
-            image,
-            keys,
-            host_key,
-        };
+        let provisioning = Provisioning { image };
         let ws = self
             .ask(&ws.id, |r| Input::Provision(Box::new(provisioning), r))
             .await?;
@@ -484,7 +488,7 @@ impl Manager {
     /// Makes the host-side resources of a new workspace; if a step fails, removes what the
     /// others made and the row.
     pub(crate) async fn provision_or_undo(&self, ws: &Workspace, p: &Provisioning) -> Result<()> {
-        let Err(e) = self.provision(ws, &p.image, &p.keys, &p.host_key).await else {
+        let Err(e) = self.provision(ws, &p.image).await else {
             return Ok(());
         };
         tracing::warn!(workspace = %ws.id, error = %e, "create failed; undoing");
@@ -497,39 +501,92 @@ impl Manager {
         Err(e)
     }
 
-    /// The host-side resources of a workspace, each step idempotent.
-    async fn provision(
-        &self,
-        ws: &Workspace,
-        image: &Image,
-        keys: &[String],
-        host_key: &cloudinit::KeyPair,
-    ) -> Result<()> {
+    /// The host-side resources of a workspace whose row is marked `creating`, in order:
+    /// root volume, seed, address reservation, domain; then the mark goes. A daemon that dies
+    /// on the way leaves the mark, and reconcile undoes what was made.
+    async fn provision(&self, ws: &Workspace, image: &Image) -> Result<()> {
         let base = self.layout.pool().join(image.id.volume_name());
         self.hv
             .create_overlay(&root_volume_name(&ws.id), ws.hardware.volume_size_gb, &base)
             .await?;
+        crate::fault::point("create:volume");
+        self.write_seed(ws).await?;
+        crate::fault::point("create:seed");
+        if let (Some(mac), Some(ip)) = (&ws.mac, ws.ip) {
+            self.hv.add_dhcp_host(mac, ip, ws.id.as_str()).await?;
+        }
+        crate::fault::point("create:reservation");
+        self.hv.define(&self.spec(ws)?).await?;
+        crate::fault::point("create:domain");
+        self.store.finish_provisioning(&ws.id)?;
+        crate::fault::point("create:done");
+        Ok(())
+    }
+
+    /// Writes the seed of `ws` (cloud-init NoCloud) from its row and stored keys.
+    async fn write_seed(&self, ws: &Workspace) -> Result<()> {
+        let material = self.store.seed_material(&ws.id)?;
+        let host_key = KeyPair {
+            private: material.host_private_key,
+            public: ws.ssh_host_public_key.clone(),
+        };
         let seed_path = self.layout.pool().join(seed_file_name(&ws.id));
         let seed = cloudinit::Seed {
             workspace: &ws.id,
             login_user: &ws.login_user,
-            authorized_keys: keys,
-            host_key,
+            authorized_keys: &material.authorized_keys,
+            host_key: &host_key,
         };
         tokio::task::block_in_place(|| cloudinit::write_seed(&seed_path, &seed))?;
         // It holds the guest's private host key: root only; libvirt hands it to qemu by
         // relabelling it while the VM runs.
         files::set_mode(&seed_path, 0o600)?;
-        self.hv.refresh_pool().await?;
-        if let (Some(mac), Some(ip)) = (&ws.mac, ws.ip) {
-            self.hv.add_dhcp_host(mac, ip, ws.id.as_str()).await?;
+        self.hv.refresh_pool().await
+    }
+
+    /// Settles a row a daemon left marked (it died while making or removing its host
+    /// resources): a `creating` workspace is undone (its create never answered), a
+    /// `deleting` one is deleted. Both remove whatever of its resources is left.
+    pub(crate) async fn settle_provisioning(&self, ws: &Workspace) -> Result<()> {
+        let Some(mark) = ws.provisioning else {
+            return Ok(());
+        };
+        self.deprovision(ws).await?;
+        self.store.delete_workspace(ws)?;
+        match mark {
+            Mark::Creating => {
+                tracing::warn!(workspace = %ws.id, "removed a workspace whose create was cut short")
+            }
+            Mark::Deleting => {
+                tracing::warn!(workspace = %ws.id, "finished a delete that was cut short")
+            }
         }
-        self.hv.define(&self.spec(ws)?).await
+        self.deleted(ws);
+        Ok(())
+    }
+
+    /// Writes the seed of a complete workspace again if it is missing (its key is stored).
+    pub(crate) async fn ensure_seed(&self, ws: &Workspace) -> Result<()> {
+        if ws.image.is_none() || self.layout.pool().join(seed_file_name(&ws.id)).exists() {
+            return Ok(());
+        }
+        if self
+            .store
+            .seed_material(&ws.id)?
+            .host_private_key
+            .is_empty()
+        {
+            tracing::warn!(workspace = %ws.id, "the seed is missing and cannot be written again (made before aetherd kept host keys)");
+            return Ok(());
+        }
+        tracing::warn!(workspace = %ws.id, "the seed is missing; writing it again");
+        self.write_seed(ws).await
     }
 
     /// Removes everything [`Manager::provision`] made; missing pieces are fine.
     pub(crate) async fn deprovision(&self, ws: &Workspace) -> Result<()> {
         self.hv.undefine(&ws.id).await?;
+        crate::fault::point("delete:domain");
         if let (Some(mac), Some(ip)) = (&ws.mac, ws.ip) {
             // dnsmasq would keep the lease for its lifetime and refuse the address to the
             // next workspace given it. Released first: without reservations left, libvirt
@@ -540,8 +597,10 @@ impl Manager {
             }
             self.hv.remove_dhcp_host(mac, ip, ws.id.as_str()).await?;
         }
+        crate::fault::point("delete:reservation");
         self.hv.delete_volume(&root_volume_name(&ws.id)).await?;
         self.hv.delete_volume(&seed_file_name(&ws.id)).await?;
+        crate::fault::point("delete:volumes");
         // The console log with virtlogd's rotated files, the task logs and their `.1`s.
         files::remove_log(&self.layout.console_log(&ws.id))?;
         self.remove_task_logs_of(&ws.id)?;
@@ -764,8 +823,6 @@ fn volume_gb(workspaces: &[Workspace]) -> u64 {
 /// What a new workspace's runner provisions (see [`Manager::provision_or_undo`]).
 pub struct Provisioning {
     pub image: Image,
-    pub keys: Vec<String>,
-    pub host_key: KeyPair,
 }
 
 /// What `create_workspace` is asked for.

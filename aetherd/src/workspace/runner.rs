@@ -192,7 +192,11 @@ impl Runner {
             Input::Domain(ev) => self.on_domain_event(ws, ev).await,
             Input::IdleExpired { generation } => self.on_idle_expired(ws, generation).await,
             Input::Reconcile(reply) => {
+                let settled = ws.provisioning.is_some();
                 let _ = reply.send(self.reconcile(ws).await);
+                if settled {
+                    return Flow::Exit;
+                }
             }
         }
         Flow::Continue
@@ -241,15 +245,21 @@ impl Runner {
             .m
             .store()
             .write_transition(&ws, step.to, reason, holdings)?;
+        if event == Event::Start {
+            crate::fault::point("start:transition");
+        }
+        if step.effects.contains(&Effect::EndTasks) {
+            self.m.lose_tasks_of(&ws.id);
+        }
+        // Published before a job starts, so watchers see the new state before its phases.
+        self.m.transitioned(&ws, &updated);
         for effect in step.effects {
             match effect {
-                Effect::CancelJob | Effect::PowerOff => {}
-                Effect::EndTasks => self.m.lose_tasks_of(&ws.id),
+                Effect::CancelJob | Effect::PowerOff | Effect::EndTasks => {}
                 Effect::Boot => self.spawn_boot(&updated),
                 Effect::Shutdown => self.spawn_shutdown(&updated),
             }
         }
-        self.m.transitioned(&ws, &updated);
         Ok(updated)
     }
 
@@ -369,6 +379,10 @@ impl Runner {
             ws = self.apply(ws, Event::ForceStop, "", None).await?;
         }
         self.cancel_job().await;
+        // Marked first: a daemon that dies from here on leaves a delete that reconcile
+        // finishes.
+        let ws = self.m.store().mark_deleting(&ws)?;
+        crate::fault::point("delete:marked");
         self.m.deprovision(&ws).await?;
         self.m.store().delete_workspace(&ws)?;
         self.m.deleted(&ws);
@@ -378,6 +392,11 @@ impl Runner {
     /// Brings the row and libvirt in line after a daemon start: a missing domain is defined
     /// again, a transitional state is settled or its job resumed. Nothing is deleted.
     async fn reconcile(&mut self, ws: Workspace) -> Result<()> {
+        if ws.provisioning.is_some() {
+            self.m.settle_provisioning(&ws).await?;
+            return Ok(());
+        }
+        self.m.ensure_seed(&ws).await?;
         let mut status = self.m.hv().status(&ws.id).await?;
         if status == DomainStatus::Missing {
             tracing::warn!(workspace = %ws.id, "domain missing; defining it again");
@@ -462,5 +481,59 @@ pub async fn sleep_or_cancel(d: Duration, cancel: &mut watch::Receiver<bool>) ->
     tokio::select! {
         _ = tokio::time::sleep(d) => *cancel.borrow(),
         _ = cancelled(cancel) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    /// The daemon's code outside `#[cfg(test)]` modules, per file (relative to `src/`).
+    fn daemon_code() -> Vec<(String, String)> {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        sources(&src, &mut files);
+        files
+            .into_iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).unwrap();
+                let code = match text.find("#[cfg(test)]\nmod tests") {
+                    Some(i) => text[..i].to_owned(),
+                    None => text,
+                };
+                let name = p.strip_prefix(&src).unwrap().display().to_string();
+                (name, code)
+            })
+            .collect()
+    }
+
+    /// Every state write goes runner → one store transaction: the SQL that sets a
+    /// workspace's state is in `Store::write_transition` alone, and only the runner calls it.
+    #[test]
+    fn only_the_runner_writes_a_state_and_only_through_write_transition() {
+        let code = daemon_code();
+        assert!(code.len() > 20, "found only {} source files", code.len());
+        let with = |needle: &str| -> Vec<String> {
+            code.iter()
+                .filter(|(_, c)| c.contains(needle))
+                .map(|(f, c)| format!("{f} x{}", c.matches(needle).count()))
+                .collect()
+        };
+        assert_eq!(with("UPDATE workspaces SET state"), ["store.rs x1"]);
+        assert_eq!(with("fn write_transition"), ["store.rs x1"]);
+        assert_eq!(with(".write_transition("), ["workspace/runner.rs x1"]);
+        // A new row starts `stopped`; no other statement names a state column value.
+        assert_eq!(with("INSERT INTO workspaces "), ["store.rs x1"]);
     }
 }

@@ -135,7 +135,9 @@ impl Manager {
         let checked = images::check_disk(&staged, images::DiskFormat::Qcow2, max_virtual)
             .await
             .map_err(cleanup)?;
+        crate::fault::point("import:checked");
         images::move_into_pool(&checked, &staged, &dest).map_err(cleanup)?;
+        crate::fault::point("import:moved");
         let image = Image {
             id: name.clone(),
             boot_mode,
@@ -148,6 +150,7 @@ impl Manager {
         self.store
             .finish_image_import(&image, &up.token)
             .map_err(cleanup)?;
+        crate::fault::point("import:done");
         self.hv.refresh_pool().await?;
         tracing::info!(image = %name, boot = boot_mode.as_str(), virtual_size = image.virtual_size, "image imported");
         Ok(image)

@@ -246,6 +246,7 @@ impl Manager {
             _ = crate::workspace::runner::cancelled(&mut cancel) => return Ok(Readiness::Cancelled),
         };
         self.hv.define(&self.spec(ws)?).await?;
+        crate::fault::point("start:defined");
         self.release_stale_leases(ws).await;
         // qemu appends to the console log: keep it bounded across boots.
         let console = self.layout.console_log(&ws.id);
@@ -258,6 +259,7 @@ impl Manager {
             return Ok(Readiness::Cancelled);
         }
         self.hv.start(&ws.id).await?;
+        crate::fault::point("start:started");
         drop(slot);
         // The CPUs dedicated elsewhere may have changed since its XML was written.
         self.cpus_changed();
@@ -510,6 +512,67 @@ impl Manager {
             .list_workspaces(&WorkspaceFilter::default(), None)?;
         for ws in all {
             self.ask(&ws.id, Input::Reconcile).await?;
+        }
+        self.sweep_orphans().await
+    }
+
+    /// Removes files in the pool and boot dirs that no row accounts for: a workspace's
+    /// volume or seed, an image or its kernel and initrd, left by a daemon that died between
+    /// making or removing a file and writing its row. Every row's files are made after the
+    /// row is written and removed before it goes, so none of these can be in use.
+    async fn sweep_orphans(&self) -> Result<()> {
+        let workspaces: std::collections::HashSet<String> = self
+            .store
+            .list_workspaces(&WorkspaceFilter::default(), None)?
+            .into_iter()
+            .map(|w| w.id.to_string())
+            .collect();
+        let images: std::collections::HashSet<String> = self
+            .store
+            .list_images(None)?
+            .into_iter()
+            .map(|i| i.id.to_string())
+            .collect();
+        let names = |dir: &std::path::Path| -> Vec<String> {
+            std::fs::read_dir(dir)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut removed_volume = false;
+        for name in names(&self.layout.pool()) {
+            let orphan = if let Some(id) = name
+                .strip_suffix("-root.qcow2")
+                .or_else(|| name.strip_suffix("-seed.img"))
+            {
+                WorkspaceId::parse(id).is_ok() && !workspaces.contains(id)
+            } else if let Some(id) = name
+                .strip_prefix("image-")
+                .and_then(|n| n.strip_suffix(".qcow2"))
+            {
+                ImageId::parse(id).is_ok() && !images.contains(id)
+            } else {
+                false
+            };
+            if orphan {
+                tracing::warn!(file = %name, "removing a pool file no workspace or image owns");
+                self.hv.delete_volume(&name).await?;
+                let _ = std::fs::remove_file(self.layout.pool().join(&name));
+                removed_volume = true;
+            }
+        }
+        if removed_volume {
+            self.hv.refresh_pool().await?;
+        }
+        let boot = self.layout.state_dir.join("boot");
+        for name in names(&boot) {
+            if ImageId::parse(&name).is_ok() && !images.contains(&name) {
+                tracing::warn!(dir = %name, "removing a boot dir no image owns");
+                let _ = std::fs::remove_dir_all(boot.join(&name));
+            }
         }
         Ok(())
     }
