@@ -530,10 +530,13 @@ mod tests {
                 .map(|(f, c)| format!("{f} x{}", c.matches(needle).count()))
                 .collect()
         };
-        assert_eq!(with("UPDATE workspaces SET state"), ["store.rs x1"]);
-        assert_eq!(with("fn write_transition"), ["store.rs x1"]);
+        assert_eq!(
+            with("UPDATE workspaces SET state"),
+            ["store/transitions.rs x1"]
+        );
+        assert_eq!(with("fn write_transition"), ["store/transitions.rs x1"]);
         assert_eq!(with(".write_transition("), ["workspace/runner.rs x1"]);
         // A new row starts `stopped`; no other statement names a state column value.
-        assert_eq!(with("INSERT INTO workspaces "), ["store.rs x1"]);
+        assert_eq!(with("INSERT INTO workspaces "), ["store/workspaces.rs x1"]);
     }
 }
