@@ -2,5 +2,6 @@
 //! transitions, and the operations built on them.
 
 pub mod ops;
+pub mod placement;
 pub mod runner;
 pub mod state;

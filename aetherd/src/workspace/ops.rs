@@ -29,6 +29,7 @@ use crate::store::{
     WorkspaceFilter,
 };
 use crate::tunnel::Connections;
+use crate::workspace::placement::Placement;
 use crate::workspace::runner::{self, Input};
 use crate::workspace::state::State;
 
@@ -96,10 +97,8 @@ pub struct Manager {
     idle_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<WorkspaceId>>>,
     /// Running tasks by id.
     tasks: Mutex<HashMap<String, tasks::RunningTask>>,
-    /// The host's CPUs and memory (MiB), read once at start.
-    host: (u32, u64),
-    /// The host's GPUs, discovered once at start.
-    gpus: Vec<crate::hypervisor::gpu::Gpu>,
+    /// The host's CPUs, memory and GPUs (read once at start), and where a start goes.
+    placement: Placement,
     /// Woken when CPUs are dedicated or released (see `repin_running`).
     repin: tokio::sync::Notify,
     /// Domain starts in flight at once: libvirt launches qemu and instantiates a NIC's
@@ -152,8 +151,7 @@ impl Manager {
             idle_tx,
             idle_rx: Mutex::new(Some(idle_rx)),
             tasks: Mutex::new(HashMap::new()),
-            host,
-            gpus,
+            placement: Placement::new(host, gpus, &config),
             repin: tokio::sync::Notify::new(),
             creating: Mutex::new(()),
             boot_slots: tokio::sync::Semaphore::new(BOOT_SLOTS),
@@ -252,7 +250,12 @@ impl Manager {
     }
 
     fn limits(&self) -> HardwareLimits {
-        let mut gpu_kinds: Vec<String> = self.gpus.iter().map(|g| g.kind.clone()).collect();
+        let mut gpu_kinds: Vec<String> = self
+            .placement
+            .gpus()
+            .iter()
+            .map(|g| g.kind.clone())
+            .collect();
         gpu_kinds.sort();
         gpu_kinds.dedup();
         HardwareLimits {
@@ -314,7 +317,7 @@ impl Manager {
             gpu: ws
                 .gpu_device
                 .as_ref()
-                .and_then(|d| self.gpus.iter().find(|g| g.device == *d))
+                .and_then(|d| self.placement.gpus().iter().find(|g| g.device == *d))
                 .map(|g| (g.domain, g.bus, g.slot, g.function)),
         })
     }
@@ -365,8 +368,8 @@ impl Manager {
             hypervisor: v.hypervisor,
             accelerator: self.hv.domain_type().accelerator(),
             max_volume_size_gb: self.config.max_volume_size_gb,
-            cpus: self.host.0,
-            memory_mib: self.host.1,
+            cpus: self.placement.host_cpus(),
+            memory_mib: self.placement.host_memory_mib(),
             gpus: self.gpu_holders()?,
             shared_cpus: self.shared_cpus()?,
         })

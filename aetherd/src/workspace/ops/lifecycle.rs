@@ -21,92 +21,23 @@ impl Manager {
         self.ask(&ws.id, |r| Input::Start(caller, r)).await
     }
 
-    /// Picks what `ws` needs to run (for the runner's start transition, in its store
-    /// transaction, given every workspace): refused when `caller`'s quota or the host cannot
-    /// run it; otherwise the host CPUs dedicated to it and its GPU.
+    /// Picks what `ws` needs to run, for the runner's start transition (see
+    /// [`Placement::place`]).
     pub(crate) fn place(
         &self,
         caller: Caller,
         ws: &Workspace,
         all: &[Workspace],
     ) -> Result<(Vec<u32>, Option<String>)> {
-        self.check_quota_to_run(caller, ws, all)?;
-        self.check_capacity(ws, all)?;
-        let cpus = self.allocate_cpus(ws, all)?;
-        let gpu = self.allocate_gpu(ws, all)?;
-        Ok((cpus, gpu))
+        self.placement.place(caller, ws, all)
     }
 
-    /// Whether the owner's quota lets `ws` run next to its other running workspaces.
-    fn check_quota_to_run(&self, caller: Caller, ws: &Workspace, all: &[Workspace]) -> Result<()> {
-        let hw = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
-        let running: Vec<&Workspace> = all
-            .iter()
-            .filter(|w| w.owner_uid == ws.owner_uid && w.id != ws.id && !w.state.vm_is_off())
-            .collect();
-        let vcpus: u64 = running.iter().map(|w| u64::from(w.hardware.cpus)).sum();
-        self.quota(caller, vcpus, Claim::RunningVcpus(hw.cpus))?;
-        let memory: u64 = running
-            .iter()
-            .map(|w| u64::from(w.hardware.memory_mb))
-            .sum();
-        self.quota(
-            caller,
-            memory,
-            Claim::RunningMemoryMb(u64::from(hw.memory_mb)),
-        )
-    }
-
-    /// Whether the host can run `ws` with the hardware it will start with, next to the
-    /// workspaces whose VMs are on.
-    fn check_capacity(&self, ws: &Workspace, all: &[Workspace]) -> Result<()> {
-        let hw = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
-        let (host_cpus, host_mib) = self.host;
-        if hw.cpus > host_cpus {
-            return Err(Error::ResourceExhausted(format!(
-                "workspace {} needs {} vCPUs but this host has {host_cpus} CPUs",
-                ws.id, hw.cpus
-            )));
-        }
-        let allowed = (host_mib as f64 * self.config.memory_overcommit) as u64;
-        let in_use: u64 = all
-            .iter()
-            .filter(|w| w.id != ws.id && !w.state.vm_is_off())
-            .map(|w| u64::from(w.hardware.memory_mb))
-            .sum();
-        if in_use + u64::from(hw.memory_mb) > allowed {
-            return Err(Error::ResourceExhausted(format!(
-                "workspace {} needs {} MiB of memory; running workspaces use {in_use} of the {allowed} MiB allowed (memory_overcommit {} x {host_mib} MiB of host memory)",
-                ws.id, hw.memory_mb, self.config.memory_overcommit
-            )));
-        }
-        Ok(())
-    }
-
-    /// Host CPUs that performance workspaces may be given: all but `reserved_host_cpus`.
-    fn dedicatable_cpus(&self) -> Vec<u32> {
-        (0..self.host.0)
-            .filter(|c| !self.config.reserved_host_cpus.contains(c))
-            .collect()
-    }
-
-    /// Host CPUs dedicated to nobody: where shared workspaces' vCPUs and every workspace's
-    /// emulator threads run. Empty while nothing is dedicated (then they float over all CPUs),
-    /// and also when everything is (`reserved_host_cpus = []`): nothing is left to confine to.
+    /// Host CPUs dedicated to nobody (see [`Placement::shared_cpus`]).
     pub fn shared_cpus(&self) -> Result<Vec<u32>> {
         let all = self
             .store
             .list_workspaces(&WorkspaceFilter::default(), None)?;
-        Ok(self.shared_cpus_of(&all))
-    }
-
-    /// [`Manager::shared_cpus`] given every workspace.
-    fn shared_cpus_of(&self, workspaces: &[Workspace]) -> Vec<u32> {
-        let held = held_cpus(workspaces, None);
-        if held.is_empty() {
-            return Vec::new();
-        }
-        (0..self.host.0).filter(|c| !held.contains(c)).collect()
+        Ok(self.placement.shared_cpus(&all))
     }
 
     /// Asks the pinning task to bring the running VMs in line with the dedicated CPUs.
@@ -129,9 +60,9 @@ impl Manager {
                 return;
             }
         };
-        let mut cpus = self.shared_cpus_of(&workspaces);
+        let mut cpus = self.placement.shared_cpus(&workspaces);
         if cpus.is_empty() {
-            cpus = (0..self.host.0).collect();
+            cpus = (0..self.placement.host_cpus()).collect();
         }
         for ws in workspaces.iter().filter(|w| !w.state.vm_is_off()) {
             let shared = ws.dedicated_cpus.is_empty();
@@ -144,90 +75,12 @@ impl Manager {
         }
     }
 
-    /// For a performance workspace, picks one free dedicatable host CPU per vCPU (lowest
-    /// first); refused when too few are free. Shared workspaces get none.
-    fn allocate_cpus(&self, ws: &Workspace, all: &[Workspace]) -> Result<Vec<u32>> {
-        let hw = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
-        if hw.cpu_kind != crate::model::CpuKind::Performance {
-            return Ok(Vec::new());
-        }
-        let held = held_cpus(all, Some(&ws.id));
-        let dedicatable = self.dedicatable_cpus();
-        let free: Vec<u32> = dedicatable
-            .iter()
-            .copied()
-            .filter(|c| !held.contains(c))
-            .collect();
-        if (free.len() as u32) < hw.cpus {
-            return Err(Error::ResourceExhausted(format!(
-                "workspace {} needs {} dedicated CPUs (cpu kind performance); {} of this host's {} dedicatable CPUs are free (reserved_host_cpus {:?})",
-                ws.id,
-                hw.cpus,
-                free.len(),
-                dedicatable.len(),
-                self.config.reserved_host_cpus
-            )));
-        }
-        Ok(free[..hw.cpus as usize].to_vec())
-    }
-
-    /// For a workspace with a GPU kind, picks a GPU of that kind that no running workspace
-    /// holds; refused when all are held.
-    fn allocate_gpu(&self, ws: &Workspace, all: &[Workspace]) -> Result<Option<String>> {
-        let hw = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
-        let Some(kind) = &hw.gpu_kind else {
-            return Ok(None);
-        };
-        let holders: Vec<(&str, &WorkspaceId)> = all
-            .iter()
-            .filter(|w| w.id != ws.id && !w.state.vm_is_off())
-            .filter_map(|w| w.gpu_device.as_deref().map(|d| (d, &w.id)))
-            .collect();
-        let of_kind: Vec<_> = self.gpus.iter().filter(|g| g.kind == *kind).collect();
-        if of_kind.is_empty() {
-            return Err(Error::ResourceExhausted(format!(
-                "this host has no GPU of kind {kind} (any more)"
-            )));
-        }
-        match of_kind
-            .iter()
-            .find(|g| !holders.iter().any(|(d, _)| *d == g.device))
-        {
-            Some(g) => Ok(Some(g.device.clone())),
-            None => {
-                // In the order of the GPUs' addresses.
-                let users: Vec<String> = of_kind
-                    .iter()
-                    .filter_map(|g| holders.iter().find(|(d, _)| *d == g.device))
-                    .map(|(_, w)| w.to_string())
-                    .collect();
-                Err(Error::ResourceExhausted(format!(
-                    "all {} GPU(s) of kind {kind} are in use (by {}); stop one of those workspaces first",
-                    of_kind.len(),
-                    users.join(", ")
-                )))
-            }
-        }
-    }
-
     /// The host's GPUs with the workspace holding each, if any.
     pub fn gpu_holders(&self) -> Result<Vec<(crate::hypervisor::gpu::Gpu, Option<WorkspaceId>)>> {
         let all = self
             .store
             .list_workspaces(&WorkspaceFilter::default(), None)?;
-        Ok(self
-            .gpus
-            .iter()
-            .map(|g| {
-                let holder = all
-                    .iter()
-                    .find(|w| {
-                        !w.state.vm_is_off() && w.gpu_device.as_deref() == Some(g.device.as_str())
-                    })
-                    .map(|w| w.id.clone());
-                (g.clone(), holder)
-            })
-            .collect())
+        Ok(self.placement.gpu_holders(&all))
     }
 
     /// The boot job: waits for a boot slot, defines and starts the domain, and waits until
@@ -576,15 +429,6 @@ impl Manager {
         }
         Ok(())
     }
-}
-
-/// Host CPUs dedicated to the workspaces whose VM is on, `except` one.
-fn held_cpus(workspaces: &[Workspace], except: Option<&WorkspaceId>) -> Vec<u32> {
-    workspaces
-        .iter()
-        .filter(|w| Some(&w.id) != except && !w.state.vm_is_off())
-        .flat_map(|w| w.dedicated_cpus.iter().copied())
-        .collect()
 }
 
 /// How a boot job ended, when it did not fail.
