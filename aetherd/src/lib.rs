@@ -19,5 +19,6 @@ pub mod privacy;
 pub mod quota;
 pub mod server;
 pub mod store;
+pub mod tasks;
 pub mod tunnel;
 pub mod workspace;
