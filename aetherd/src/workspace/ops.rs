@@ -25,8 +25,7 @@ use crate::model::{
 use crate::network::{self, Subnet};
 use crate::quota::Claim;
 use crate::store::{
-    NewWorkspace, Owner, Project, Provisioning as Mark, SeedMaterial, Store, TaskRow, Workspace,
-    WorkspaceFilter,
+    NewWorkspace, Owner, Project, SeedMaterial, Store, TaskRow, Workspace, WorkspaceFilter,
 };
 use crate::tunnel::Connections;
 use crate::workspace::placement::Placement;
@@ -36,10 +35,13 @@ use crate::workspace::state::State;
 mod image_ops;
 mod lifecycle;
 pub mod live;
+mod provision;
 pub mod tasks;
+mod update;
 
 pub use image_ops::ImageUpload;
 pub use lifecycle::Readiness;
+pub use provision::{root_volume_name, seed_file_name, Provisioning};
 
 /// Who is asking, from the socket peer's credentials.
 #[derive(Clone, Copy, Debug)]
@@ -264,64 +266,6 @@ impl Manager {
         }
     }
 
-    fn spec(&self, ws: &Workspace) -> Result<DomainSpec> {
-        let image = match &ws.image {
-            Some(id) => Some(self.store.get_image(&ImageId::parse(id)?)?),
-            None => None,
-        };
-        let boot = match &image {
-            Some(Image {
-                boot_mode: BootMode::Kernel,
-                id,
-                cmdline,
-                ..
-            }) => Boot::Kernel {
-                kernel: self.layout.kernel(id),
-                initrd: self.layout.initrd(id),
-                cmdline: cmdline.clone(),
-            },
-            Some(Image {
-                boot_mode: BootMode::Uefi,
-                ..
-            }) => Boot::Uefi,
-            Some(Image {
-                boot_mode: BootMode::Bios,
-                ..
-            })
-            | None => Boot::Bios,
-        };
-        let has_disks = image.is_some();
-        Ok(DomainSpec {
-            workspace: ws.id.clone(),
-            project: ws.project_id.clone(),
-            uuid: ws.uuid.clone(),
-            domain_type: self.hv.domain_type(),
-            cpus: ws.hardware.cpus,
-            memory_mb: ws.hardware.memory_mb,
-            boot,
-            root_disk: has_disks.then(|| self.layout.pool().join(root_volume_name(&ws.id))),
-            seed_disk: has_disks.then(|| self.layout.pool().join(seed_file_name(&ws.id))),
-            mac: ws.mac.clone(),
-            filter: match (ws.ip, self.hv.domain_type()) {
-                (_, DomainType::Test) | (None, _) => None,
-                (Some(ip), _) => Some(crate::hypervisor::nwfilter::GuestFilter {
-                    ip,
-                    host_ips: crate::hypervisor::nwfilter::host_addresses(self.subnet.gateway()),
-                    ephemeral: crate::hypervisor::nwfilter::ephemeral_ports(),
-                }),
-            },
-            network: crate::network::NETWORK_NAME.to_owned(),
-            console_log: Some(self.layout.console_log(&ws.id)),
-            shared_cpus: self.shared_cpus()?,
-            dedicated_cpus: ws.dedicated_cpus.clone(),
-            gpu: ws
-                .gpu_device
-                .as_ref()
-                .and_then(|d| self.placement.gpus().iter().find(|g| g.device == *d))
-                .map(|g| (g.domain, g.bus, g.slot, g.function)),
-        })
-    }
-
     /// What follows a written transition from `old` to `new`: the phase ends with the
     /// transitional state, moved CPUs are re-pinned, watchers are told, idleness is
     /// re-evaluated.
@@ -488,140 +432,6 @@ impl Manager {
         Ok(ws)
     }
 
-    /// Makes the host-side resources of a new workspace; if a step fails, removes what the
-    /// others made and the row.
-    pub(crate) async fn provision_or_undo(&self, ws: &Workspace, p: &Provisioning) -> Result<()> {
-        let Err(e) = self.provision(ws, &p.image).await else {
-            return Ok(());
-        };
-        tracing::warn!(workspace = %ws.id, error = %e, "create failed; undoing");
-        if let Err(undo) = self.deprovision(ws).await {
-            tracing::error!(workspace = %ws.id, error = %undo, "could not undo all of create");
-        }
-        if let Err(undo) = self.store.delete_workspace(ws) {
-            tracing::error!(workspace = %ws.id, error = %undo, "could not undo workspace row");
-        }
-        Err(e)
-    }
-
-    /// The host-side resources of a workspace whose row is marked `creating`, in order:
-    /// root volume, seed, address reservation, domain; then the mark goes. A daemon that dies
-    /// on the way leaves the mark, and reconcile undoes what was made.
-    async fn provision(&self, ws: &Workspace, image: &Image) -> Result<()> {
-        let base = self.layout.pool().join(image.id.volume_name());
-        self.hv
-            .create_overlay(&root_volume_name(&ws.id), ws.hardware.volume_size_gb, &base)
-            .await?;
-        crate::fault::point("create:volume");
-        self.write_seed(ws).await?;
-        crate::fault::point("create:seed");
-        if let (Some(mac), Some(ip)) = (&ws.mac, ws.ip) {
-            self.hv.add_dhcp_host(mac, ip, ws.id.as_str()).await?;
-        }
-        crate::fault::point("create:reservation");
-        self.hv.define(&self.spec(ws)?).await?;
-        crate::fault::point("create:domain");
-        self.store.finish_provisioning(&ws.id)?;
-        crate::fault::point("create:done");
-        Ok(())
-    }
-
-    /// Writes the seed of `ws` (cloud-init NoCloud) from its row and stored keys.
-    async fn write_seed(&self, ws: &Workspace) -> Result<()> {
-        let material = self.store.seed_material(&ws.id)?;
-        let host_key = KeyPair {
-            private: material.host_private_key,
-            public: ws.ssh_host_public_key.clone(),
-        };
-        let seed_path = self.layout.pool().join(seed_file_name(&ws.id));
-        let seed = cloudinit::Seed {
-            workspace: &ws.id,
-            login_user: &ws.login_user,
-            authorized_keys: &material.authorized_keys,
-            host_key: &host_key,
-        };
-        tokio::task::block_in_place(|| cloudinit::write_seed(&seed_path, &seed))?;
-        // It holds the guest's private host key: root only; libvirt hands it to qemu by
-        // relabelling it while the VM runs.
-        files::set_mode(&seed_path, 0o600)?;
-        self.hv.refresh_pool().await
-    }
-
-    /// Settles a row a daemon left marked (it died while making or removing its host
-    /// resources): a `creating` workspace is undone (its create never answered), a
-    /// `deleting` one is deleted. Both remove whatever of its resources is left.
-    pub(crate) async fn settle_provisioning(&self, ws: &Workspace) -> Result<()> {
-        let Some(mark) = ws.provisioning else {
-            return Ok(());
-        };
-        self.deprovision(ws).await?;
-        self.store.delete_workspace(ws)?;
-        match mark {
-            Mark::Creating => {
-                tracing::warn!(workspace = %ws.id, "removed a workspace whose create was cut short")
-            }
-            Mark::Deleting => {
-                tracing::warn!(workspace = %ws.id, "finished a delete that was cut short")
-            }
-        }
-        self.deleted(ws);
-        Ok(())
-    }
-
-    /// Writes the seed of a complete workspace again if it is missing (its key is stored).
-    pub(crate) async fn ensure_seed(&self, ws: &Workspace) -> Result<()> {
-        if ws.image.is_none() || self.layout.pool().join(seed_file_name(&ws.id)).exists() {
-            return Ok(());
-        }
-        if self
-            .store
-            .seed_material(&ws.id)?
-            .host_private_key
-            .is_empty()
-        {
-            tracing::warn!(workspace = %ws.id, "the seed is missing and cannot be written again (made before aetherd kept host keys)");
-            return Ok(());
-        }
-        tracing::warn!(workspace = %ws.id, "the seed is missing; writing it again");
-        self.write_seed(ws).await
-    }
-
-    /// Removes everything [`Manager::provision`] made; missing pieces are fine.
-    pub(crate) async fn deprovision(&self, ws: &Workspace) -> Result<()> {
-        self.hv.undefine(&ws.id).await?;
-        crate::fault::point("delete:domain");
-        if let (Some(mac), Some(ip)) = (&ws.mac, ws.ip) {
-            // dnsmasq would keep the lease for its lifetime and refuse the address to the
-            // next workspace given it. Released first: without reservations left, libvirt
-            // restarts dnsmasq with DHCP off, and it would read the lease back later. Not
-            // fatal: a start releases stale leases of its address too.
-            if let Err(e) = self.hv.release_lease(self.subnet.gateway(), ip, mac).await {
-                tracing::warn!(workspace = %ws.id, %ip, error = %e, "cannot release the DHCP lease");
-            }
-            self.hv.remove_dhcp_host(mac, ip, ws.id.as_str()).await?;
-        }
-        crate::fault::point("delete:reservation");
-        self.hv.delete_volume(&root_volume_name(&ws.id)).await?;
-        self.hv.delete_volume(&seed_file_name(&ws.id)).await?;
-        crate::fault::point("delete:volumes");
-        // The console log with virtlogd's rotated files, the task logs and their `.1`s.
-        files::remove_log(&self.layout.console_log(&ws.id))?;
-        self.remove_task_logs_of(&ws.id)?;
-        for path in [self.layout.pool().join(seed_file_name(&ws.id))] {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(Error::Internal(format!(
-                        "cannot remove {}: {e}",
-                        path.display()
-                    )))
-                }
-            }
-        }
-        Ok(())
-    }
-
     pub fn list_workspaces(
         &self,
         caller: Caller,
@@ -702,114 +512,6 @@ impl Manager {
         self.ask(&ws.id, |reply| Input::Delete { force, reply })
             .await
     }
-
-    /// Changes hardware: at once while the VM is off, as pending changes otherwise.
-    /// The idle timeout, if given, applies at once.
-    pub async fn update_workspace(
-        self: &Arc<Self>,
-        caller: Caller,
-        id: &str,
-        req: &HardwareRequest,
-        idle_timeout: Option<&str>,
-    ) -> Result<Workspace> {
-        let ws = self.get_workspace(caller, id)?;
-        let idle_timeout_secs = idle_timeout
-            .map(crate::model::parse_duration_secs)
-            .transpose()?;
-        self.ask(&ws.id, |reply| Input::Update {
-            caller,
-            hardware: req.clone(),
-            idle_timeout_secs,
-            reply,
-        })
-        .await
-    }
-
-    /// [`Manager::update_workspace`], in the workspace's runner. Everything is validated
-    /// before anything changes.
-    pub(crate) async fn update(
-        &self,
-        caller: Caller,
-        ws: &Workspace,
-        req: &HardwareRequest,
-        idle: Option<u64>,
-    ) -> Result<Workspace> {
-        let ws = ws.clone();
-        let base = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
-        let wanted = base.with(req, &self.limits())?;
-        if wanted.volume_size_gb > ws.hardware.volume_size_gb {
-            self.quota(
-                caller,
-                volume_gb(&self.owned_by(ws.owner_uid)?),
-                Claim::VolumeGb(u64::from(
-                    wanted.volume_size_gb - ws.hardware.volume_size_gb,
-                )),
-            )?;
-        }
-        let ws = if req.is_empty() {
-            ws
-        } else {
-            self.update_hardware(&ws, req).await?
-        };
-        if let Some(secs) = idle {
-            self.store.set_idle_timeout(&ws.id, Some(secs))?;
-            tracing::info!(workspace = %ws.id, idle_timeout_secs = secs, "idle timeout updated");
-            self.idle_changed(&ws.id);
-        }
-        let updated = self.store.get_workspace(&ws.id, None)?;
-        self.publish(live::ChangeKind::Changed, &updated);
-        Ok(updated)
-    }
-
-    async fn update_hardware(&self, ws: &Workspace, req: &HardwareRequest) -> Result<Workspace> {
-        let ws = ws.clone();
-        let base = ws.pending_hardware.as_ref().unwrap_or(&ws.hardware);
-        let wanted = base.with(req, &self.limits())?;
-        if wanted.volume_size_gb < ws.hardware.volume_size_gb {
-            return Err(Error::invalid(format!(
-                "volume size can only grow: it is {} GiB, requested {} GiB",
-                ws.hardware.volume_size_gb, wanted.volume_size_gb
-            )));
-        }
-        if wanted.volume_size_gb > ws.hardware.volume_size_gb {
-            // The volume grows now, running or not; the guest's filesystem grows at its next
-            // boot (cloud-init's resizefs, or the test guest's resize2fs).
-            let running = !ws.state.vm_is_off();
-            self.hv
-                .grow_root(
-                    &ws.id,
-                    &root_volume_name(&ws.id),
-                    u64::from(wanted.volume_size_gb) << 30,
-                    running,
-                )
-                .await?;
-            tracing::info!(workspace = %ws.id, volume_size_gb = wanted.volume_size_gb, live = running, "root volume grown");
-        }
-        if ws.state.vm_is_off() {
-            let updated = self.store.set_hardware(&ws, &wanted, None)?;
-            if let Err(e) = self.hv.define(&self.spec(&updated)?).await {
-                // Undo, so the database keeps describing the defined domain.
-                let _ =
-                    self.store
-                        .set_hardware(&updated, &ws.hardware, ws.pending_hardware.as_ref());
-                return Err(e);
-            }
-            tracing::info!(workspace = %ws.id, hardware = %wanted, "hardware updated");
-            Ok(updated)
-        } else {
-            // The volume size took effect already; the rest waits for the next start.
-            let current = Hardware {
-                volume_size_gb: wanted.volume_size_gb,
-                ..ws.hardware.clone()
-            };
-            let pending = (wanted != current).then_some(&wanted);
-            let updated = self.store.set_hardware(&ws, &current, pending)?;
-            if pending.is_some() {
-                tracing::info!(workspace = %ws.id, pending = %wanted, "hardware change pending until next start");
-            }
-            Ok(updated)
-        }
-    }
 }
 
 /// How many domains are started at once (see `Manager::boot_slots`).
@@ -823,11 +525,6 @@ fn volume_gb(workspaces: &[Workspace]) -> u64 {
         .sum()
 }
 
-/// What a new workspace's runner provisions (see [`Manager::provision_or_undo`]).
-pub struct Provisioning {
-    pub image: Image,
-}
-
 /// What `create_workspace` is asked for.
 #[derive(Clone, Debug, Default)]
 pub struct CreateWorkspace {
@@ -839,14 +536,6 @@ pub struct CreateWorkspace {
     pub ssh_authorized_keys: Vec<String>,
     /// "90s", "30m", "2h", "0"; `None`: the daemon's idle timeout.
     pub idle_timeout: Option<String>,
-}
-
-pub fn root_volume_name(id: &WorkspaceId) -> String {
-    format!("{id}-root.qcow2")
-}
-
-pub fn seed_file_name(id: &WorkspaceId) -> String {
-    format!("{id}-seed.img")
 }
 
 /// Loads the daemon's SSH key from the state dir, generating it on first start.
