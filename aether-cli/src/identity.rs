@@ -56,7 +56,8 @@ pub fn find_or_create(config_dir: &Path) -> anyhow::Result<Identity> {
     let dir = config_dir.join("ssh");
     let private_key = dir.join("id_ed25519");
     let public = dir.join("id_ed25519.pub");
-    if !private_key.exists() {
+    // ssh-keygen writes the private key before the public one: only both mean it is done.
+    if !(private_key.exists() && public.exists()) {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         // Several first runs at once (a script creating workspaces in parallel) must not
@@ -69,6 +70,9 @@ pub fn find_or_create(config_dir: &Path) -> anyhow::Result<Identity> {
         if private_key.exists() && public.exists() {
             return read(private_key, &public);
         }
+        // A key without its public half was cut short (never used): make it again, or
+        // ssh-keygen would ask whether to overwrite it.
+        let _ = std::fs::remove_file(&private_key);
         let status = Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "aether", "-f"])
             .arg(&private_key)
