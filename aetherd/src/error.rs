@@ -1,6 +1,7 @@
 //! The daemon's error type. The API layer maps it to a gRPC status in exactly one place
 //! (`api::status`); everything below speaks this enum.
 
+use crate::hypervisor::error::HypervisorError;
 use crate::workspace::state::State;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -26,10 +27,10 @@ pub enum Error {
     ResourceExhausted(String),
     #[error("permission denied: {0}")]
     PermissionDenied(String),
-    #[error("libvirt: {0}")]
-    Libvirt(String),
-    #[error("libvirt call {0} did not return within {1} s")]
-    LibvirtTimeout(&'static str, u64),
+    /// The hypervisor layer failed; its message reads "libvirt: …", or names the call
+    /// that timed out.
+    #[error("{}{}", if .0.from_libvirt() { "libvirt: " } else { "" }, .0)]
+    Hypervisor(#[from] HypervisorError),
     #[error("state database: {0}")]
     Store(#[from] rusqlite::Error),
     #[error("{0}")]
@@ -45,6 +46,11 @@ impl Error {
         Self::FailedPrecondition(msg.into())
     }
 
+    /// A libvirt object is not as aether made it.
+    pub fn libvirt(msg: impl Into<String>) -> Self {
+        Self::Hypervisor(HypervisorError::Unexpected(msg.into()))
+    }
+
     pub fn not_found(kind: &'static str, id: impl Into<String>) -> Self {
         Self::NotFound {
             kind,
@@ -55,6 +61,6 @@ impl Error {
 
 impl From<virt::error::Error> for Error {
     fn from(e: virt::error::Error) -> Self {
-        Self::Libvirt(e.message().to_owned())
+        Self::Hypervisor(HypervisorError::Libvirt(e))
     }
 }

@@ -7,6 +7,9 @@ use crate::error::Error;
 
 /// The single mapping from the daemon's errors to gRPC status codes.
 pub fn status(e: Error) -> Status {
+    if let Error::Hypervisor(h) = &e {
+        tracing::debug!(error = %h, code = ?h.code(), "hypervisor error");
+    }
     let msg = e.to_string();
     match e {
         Error::InvalidArgument(_) => Status::invalid_argument(msg),
@@ -16,7 +19,10 @@ pub fn status(e: Error) -> Status {
         Error::Conflict { .. } => Status::aborted(msg),
         Error::PermissionDenied(_) => Status::permission_denied(msg),
         Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
-        Error::Libvirt(_) | Error::LibvirtTimeout(..) => Status::unavailable(msg),
+        // libvirt refusing an operation for the domain's state is the caller's precondition;
+        // anything else from libvirt is the hypervisor being unavailable.
+        Error::Hypervisor(h) if h.is_wrong_state() => Status::failed_precondition(msg),
+        Error::Hypervisor(_) => Status::unavailable(msg),
         Error::Store(_) | Error::Internal(_) => Status::internal(msg),
     }
 }

@@ -144,7 +144,7 @@ pub fn subscribe(conn: &Connect, tx: UnboundedSender<DomainEvent>) -> Result<()>
     if id < 0 {
         // SAFETY: registration failed, so libvirt did not take ownership of `opaque`.
         drop(unsafe { Box::from_raw(opaque as *mut UnboundedSender<DomainEvent>) });
-        return Err(Error::Libvirt(format!(
+        return Err(Error::libvirt(format!(
             "cannot subscribe to domain events: {}",
             virt::error::Error::last_error().message()
         )));

@@ -38,7 +38,7 @@ pub fn of_network(net: &Network) -> Result<Vec<Lease>> {
     // lease; on success libvirt stores in `array` a newly allocated array of `n` leases.
     let n = unsafe { sys::virNetworkGetDHCPLeases(net.as_ptr(), std::ptr::null(), &mut array, 0) };
     if n < 0 {
-        return Err(Error::Libvirt(format!(
+        return Err(Error::libvirt(format!(
             "cannot read the DHCP leases: {}",
             virt::error::Error::last_error().message()
         )));

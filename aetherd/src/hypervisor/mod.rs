@@ -6,6 +6,7 @@
 //! element belongs to someone else and is never redefined, stopped or undefined.
 
 pub mod accel;
+pub mod error;
 pub mod events;
 pub mod gpu;
 pub mod leases;
@@ -71,7 +72,7 @@ fn is_no_domain(e: &virt::error::Error) -> bool {
 
 fn pool(conn: &Connect) -> Result<StoragePool> {
     conn.lookup_storage_pool_by_name(POOL_NAME)
-        .map_err(|e| Error::Libvirt(format!("storage pool {POOL_NAME}: {}", e.message())))
+        .map_err(|e| Error::libvirt(format!("storage pool {POOL_NAME}: {}", e.message())))
 }
 
 fn find_volume(conn: &Connect, name: &str) -> Result<Option<StorageVol>> {
@@ -284,12 +285,12 @@ impl Hypervisor {
         self.call("virStorageVolResize", move |c| {
             if running {
                 let dom = owned_domain(c, &ws)?.ok_or_else(|| {
-                    Error::Libvirt(format!("domain {} is not defined", ws.domain_name()))
+                    Error::libvirt(format!("domain {} is not defined", ws.domain_name()))
                 })?;
                 dom.block_resize("vda", bytes, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)?;
             } else {
                 let vol = find_volume(c, &name)?
-                    .ok_or_else(|| Error::Libvirt(format!("volume {name} not found")))?;
+                    .ok_or_else(|| Error::libvirt(format!("volume {name} not found")))?;
                 vol.resize(bytes, 0)?;
             }
             Ok(())
@@ -338,7 +339,7 @@ impl Hypervisor {
         let ws = ws.clone();
         self.call("virDomainCreate", move |c| {
             let dom = owned_domain(c, &ws)?.ok_or_else(|| {
-                Error::Libvirt(format!("domain {} is not defined", ws.domain_name()))
+                Error::libvirt(format!("domain {} is not defined", ws.domain_name()))
             })?;
             if !dom.is_active()? {
                 dom.create()?;
@@ -448,7 +449,10 @@ async fn run_blocking<T: Send + 'static>(
     match tokio::time::timeout(timeout, tokio::task::spawn_blocking(f)).await {
         Ok(Ok(r)) => r,
         Ok(Err(join)) => Err(Error::Internal(format!("{what} panicked: {join}"))),
-        Err(_) => Err(Error::LibvirtTimeout(what, timeout.as_secs())),
+        Err(_) => Err(Error::Hypervisor(error::HypervisorError::Timeout {
+            call: what,
+            secs: timeout.as_secs(),
+        })),
     }
 }
 

@@ -50,7 +50,7 @@ impl Hypervisor {
             }
             let xml = net.xml_desc(0)?;
             network::subnet_of_network_xml(&xml).ok_or_else(|| {
-                Error::Libvirt(format!(
+                Error::libvirt(format!(
                     "network {} has no IPv4 address; delete it or give it one",
                     network::NETWORK_NAME
                 ))
@@ -113,7 +113,7 @@ impl Hypervisor {
                     .and_then(|f| f.uuid_string().ok());
                 let xml = nwfilter::with_uuid(xml, uuid.as_deref());
                 c.define_nwfilter_xml(&xml).map_err(|e| {
-                    Error::Libvirt(format!(
+                    Error::libvirt(format!(
                         "cannot define the guest isolation filters (libvirt's nwfilter driver and ebtables are needed): {}",
                         e.message()
                     ))

@@ -184,7 +184,7 @@ impl Manager {
         if self.hv.domain_type() == DomainType::Test {
             return match self.hv.status(&ws.id).await? {
                 DomainStatus::Active => Ok(Readiness::Ready),
-                other => Err(Error::Libvirt(format!(
+                other => Err(Error::libvirt(format!(
                     "domain is {other:?} right after it was started"
                 ))),
             };
