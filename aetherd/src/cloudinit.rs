@@ -19,23 +19,8 @@ use crate::model::WorkspaceId;
 /// Size of the seed disk: plenty for two small text files, and a valid FAT12 volume.
 const SEED_BYTES: u64 = 1024 * 1024;
 
-/// A portable Linux login name.
-pub fn validate_login(name: &str) -> Result<()> {
-    let b = name.as_bytes();
-    let ok = !b.is_empty()
-        && b.len() <= 32
-        && (b[0].is_ascii_lowercase() || b[0] == b'_')
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
-        && name != "root";
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "invalid login user {name:?}: use 1-32 lowercase letters, digits, '_' and '-', starting with a letter or '_' (not root)"
-        )))
-    }
-}
+/// The login-user rule, shared with the CLI: `^[a-z_][a-z0-9_-]{0,31}$` and not `root`.
+pub use aether_domain::validate_login;
 
 const KEY_TYPES: [&str; 6] = [
     "ssh-ed25519",
@@ -274,16 +259,6 @@ mod tests {
             "ssh-ed25519 AAAA\"; rm -rf /",
         ] {
             assert!(normalize_public_key(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn login_names() {
-        for good in ["alice", "_svc", "dev-1"] {
-            assert!(validate_login(good).is_ok(), "{good}");
-        }
-        for bad in ["", "root", "Alice", "1abc", "a b", "a:b", &"a".repeat(33)] {
-            assert!(validate_login(bad).is_err(), "{bad}");
         }
     }
 

@@ -59,6 +59,13 @@ impl Error {
     }
 }
 
+/// A malformed id, name or login user (see `aether-domain`), with its message unchanged.
+impl From<aether_domain::InvalidInput> for Error {
+    fn from(e: aether_domain::InvalidInput) -> Self {
+        Self::InvalidArgument(e.into_message())
+    }
+}
+
 impl From<virt::error::Error> for Error {
     fn from(e: virt::error::Error) -> Self {
         Self::Hypervisor(HypervisorError::Libvirt(e))

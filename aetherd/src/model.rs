@@ -1,7 +1,8 @@
 //! Validated domain types, parsed once at the edge.
 //!
 //! Nothing unvalidated reaches libvirt XML, a file path or a child process: every id, name and
-//! hardware value the daemon uses was built through one of the constructors here.
+//! hardware value the daemon uses was built through one of the constructors here. Ids and
+//! names are defined in `aether-domain`, which the CLI shares, and re-exported here.
 
 use std::fmt;
 
@@ -9,142 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+pub use aether_domain::{ProjectId, ProjectName, ProjectRef, WorkspaceId};
+
 /// Lowest and highest vCPU count a workspace may have.
 pub const CPUS_RANGE: std::ops::RangeInclusive<u32> = 1..=8;
 /// Lowest and highest memory a workspace may have, in MiB.
 pub const MEMORY_MB_RANGE: std::ops::RangeInclusive<u32> = 256..=16384;
-
-/// A project id: 8 lowercase hex digits.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ProjectId(String);
-
-/// A workspace id: `ws-` followed by 6 lowercase alphanumerics.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct WorkspaceId(String);
-
-/// A project name: `^[a-z0-9][a-z0-9-]{0,62}$`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ProjectName(String);
-
-fn random_chars(alphabet: &[u8], n: usize) -> String {
-    let mut bytes = vec![0u8; n];
-    getrandom::fill(&mut bytes).expect("the kernel's random source is available");
-    // 256 is not a multiple of 36, so the modulo is very slightly biased; ids only need to be
-    // unlikely to collide (the store rejects a collision), not uniformly distributed.
-    bytes
-        .iter()
-        .map(|b| alphabet[*b as usize % alphabet.len()] as char)
-        .collect()
-}
-
-impl ProjectId {
-    pub fn generate() -> Self {
-        Self(random_chars(b"0123456789abcdef", 8))
-    }
-
-    pub fn parse(s: &str) -> Result<Self> {
-        if s.len() == 8
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(Error::invalid(format!(
-                "invalid project id {s:?}: expected 8 lowercase hex digits"
-            )))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl WorkspaceId {
-    pub fn generate() -> Self {
-        Self(format!(
-            "ws-{}",
-            random_chars(b"abcdefghijklmnopqrstuvwxyz0123456789", 6)
-        ))
-    }
-
-    pub fn parse(s: &str) -> Result<Self> {
-        let ok = s.len() == 9
-            && s.starts_with("ws-")
-            && s[3..]
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(Error::invalid(format!(
-                "invalid workspace id {s:?}: expected ws- followed by 6 lowercase letters or digits"
-            )))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The libvirt domain name of this workspace.
-    pub fn domain_name(&self) -> String {
-        format!("aether-{}", self.0)
-    }
-}
-
-impl ProjectName {
-    pub fn parse(s: &str) -> Result<Self> {
-        let bytes = s.as_bytes();
-        let ok = !bytes.is_empty()
-            && bytes.len() <= 63
-            && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(Error::invalid(format!(
-                "invalid project name {s:?}: use 1-63 lowercase letters, digits and '-', starting with a letter or digit"
-            )))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// A reference to a project as users type it: its id or its name.
-#[derive(Clone, Debug)]
-pub enum ProjectRef {
-    Id(ProjectId),
-    Name(ProjectName),
-}
-
-impl ProjectRef {
-    /// An 8-hex-digit string is taken as an id first; the store falls back to the name.
-    pub fn parse(s: &str) -> Result<Self> {
-        if let Ok(id) = ProjectId::parse(s) {
-            return Ok(Self::Id(id));
-        }
-        ProjectName::parse(s)
-            .map(Self::Name)
-            .map_err(|_| Error::invalid(format!("invalid project {s:?}: not a project id or name")))
-    }
-}
-
-macro_rules! display_as_str {
-    ($($t:ty),*) => {$(
-        impl fmt::Display for $t {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-    )*};
-}
-display_as_str!(ProjectId, WorkspaceId, ProjectName);
 
 /// How the vCPUs of a workspace are placed on host CPUs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -348,49 +219,6 @@ mod tests {
     }
 
     #[test]
-    fn ids_round_trip_and_reject_garbage() {
-        for _ in 0..100 {
-            let w = WorkspaceId::generate();
-            assert_eq!(WorkspaceId::parse(w.as_str()).unwrap(), w);
-            let p = ProjectId::generate();
-            assert_eq!(ProjectId::parse(p.as_str()).unwrap(), p);
-        }
-        for bad in [
-            "",
-            "ws-",
-            "ws-ABC123",
-            "ws-abc12",
-            "ws-abc1234",
-            "xx-abc123",
-            "ws-ab/123",
-        ] {
-            assert!(WorkspaceId::parse(bad).is_err(), "{bad}");
-        }
-        for bad in ["", "A1B2C3D4", "a1b2c3d", "a1b2c3d4e", "g1b2c3d4"] {
-            assert!(ProjectId::parse(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn project_names() {
-        for good in ["a", "my-app", "0x", &"a".repeat(63)] {
-            assert!(ProjectName::parse(good).is_ok(), "{good}");
-        }
-        for bad in [
-            "",
-            "-a",
-            "My-app",
-            "a_b",
-            "a b",
-            "../x",
-            &"a".repeat(64),
-            "é",
-        ] {
-            assert!(ProjectName::parse(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn hardware_ranges_are_enforced_with_specific_messages() {
         let d = Hardware::DEFAULT;
         let req = |f: fn(&mut HardwareRequest)| {
@@ -449,5 +277,42 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(d.updated(&grow, &limits()).unwrap().volume_size_gb, 30);
+    }
+
+    /// The ids and names come from `aether-domain`; its errors become `InvalidArgument` with
+    /// the message unchanged.
+    #[test]
+    fn shared_parsers_fail_as_invalid_arguments() {
+        let e: Error = WorkspaceId::parse("../etc").unwrap_err().into();
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m == "invalid workspace id \"../etc\": expected ws- followed by 6 lowercase letters or digits"),
+            "{e:?}"
+        );
+        let e: Error = aether_domain::validate_login("root").unwrap_err().into();
+        assert!(matches!(&e, Error::InvalidArgument(_)), "{e:?}");
+    }
+
+    /// `aether-domain`'s state names, which the CLI uses, are the state machine's, in its
+    /// order, and refused with the same message.
+    #[test]
+    fn shared_state_names_are_the_state_machines() {
+        use crate::workspace::state::{State, ALL_STATES};
+        assert_eq!(ALL_STATES.map(State::as_str), aether_domain::STATE_NAMES);
+        for name in aether_domain::STATE_NAMES {
+            assert_eq!(
+                State::parse(aether_domain::parse_state_name(name).unwrap())
+                    .unwrap()
+                    .as_str(),
+                name
+            );
+        }
+        for bad in ["paused", "", "Running"] {
+            assert_eq!(
+                State::parse(bad).unwrap_err().to_string(),
+                aether_domain::parse_state_name(bad)
+                    .unwrap_err()
+                    .to_string()
+            );
+        }
     }
 }
