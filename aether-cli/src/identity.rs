@@ -1,7 +1,8 @@
 //! The user's SSH identity and login name, sent to the daemon when a workspace is created.
 //!
-//! Like Lima, the guest's login user is named after the invoking user (root becomes
-//! `aether`, so the guest's root account is left alone). The key is the user's
+//! Like Lima, the guest's login user is named after the invoking user; a name the daemon
+//! would refuse ([`aether_domain::validate_login`]: root, so the guest's root account is left
+//! alone, or not a portable login name) becomes `aether`. The key is the user's
 //! `~/.ssh/id_ed25519` or `~/.ssh/id_rsa`; without either, an ed25519 key is created once in
 //! aether's config dir (`ssh-keygen`, run with an argument list, no shell).
 
@@ -17,6 +18,9 @@ pub struct Identity {
     pub public_key: String,
 }
 
+/// The login user when the invoking user's name is not one the daemon accepts.
+const FALLBACK_LOGIN: &str = "aether";
+
 /// The login user for new workspaces.
 pub fn login_user() -> String {
     let uid = nix::unistd::Uid::current();
@@ -26,21 +30,16 @@ pub fn login_user() -> String {
         .map(|u| u.name)
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_default();
-    if name.is_empty() || name == "root" || !valid_login(&name) {
-        "aether".to_owned()
-    } else {
-        name
-    }
+    login_for(name)
 }
 
-/// `^[a-z_][a-z0-9_-]{0,31}$`: a portable Linux user name.
-pub fn valid_login(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 32
-        && (b[0].is_ascii_lowercase() || b[0] == b'_')
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+/// `name` if the daemon accepts it as a login user, else [`FALLBACK_LOGIN`].
+fn login_for(name: String) -> String {
+    if aether_domain::validate_login(&name).is_ok() {
+        name
+    } else {
+        FALLBACK_LOGIN.to_owned()
+    }
 }
 
 pub fn find_or_create(config_dir: &Path) -> anyhow::Result<Identity> {
@@ -94,4 +93,33 @@ fn read(private_key: PathBuf, public: &Path) -> anyhow::Result<Identity> {
         private_key,
         public_key,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aether_domain::validate_login;
+
+    /// The CLI's own copy of the rule accepted `root`, which the daemon refuses: the login it
+    /// sends is now always one the shared rule accepts.
+    #[test]
+    fn the_login_sent_is_one_the_daemon_accepts() {
+        assert!(validate_login("root").is_err());
+        assert_eq!(login_for("root".into()), FALLBACK_LOGIN);
+        for name in [
+            "",
+            "Alice",
+            "1abc",
+            "a b",
+            "-oProxyCommand=x",
+            &"a".repeat(33),
+        ] {
+            assert_eq!(login_for(name.into()), FALLBACK_LOGIN, "{name:?}");
+        }
+        for name in ["alice", "_svc", "dev-1"] {
+            assert_eq!(login_for(name.into()), name);
+        }
+        assert!(validate_login(FALLBACK_LOGIN).is_ok());
+        assert!(validate_login(&login_user()).is_ok());
+    }
 }

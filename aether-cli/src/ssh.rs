@@ -17,6 +17,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use aether_domain::validate_login;
 use aether_proto::v1 as pb;
 use anyhow::{anyhow, bail, Context};
 use tokio::sync::mpsc;
@@ -105,7 +106,7 @@ pub struct SshInvocation<'a> {
 impl SshInvocation<'_> {
     pub fn args(&self) -> anyhow::Result<Vec<OsString>> {
         let proxy = proxy_command(self.exe, self.socket, self.id)?;
-        if !identity::valid_login(self.login_user) {
+        if validate_login(self.login_user).is_err() {
             bail!(
                 "workspace {} has an invalid login user {:?}",
                 self.id,
@@ -257,7 +258,7 @@ impl HostEntry {
         known_hosts: &Path,
     ) -> anyhow::Result<HostEntry> {
         let proxy_command = proxy_command(exe, socket, &w.id)?;
-        if !identity::valid_login(&w.login_user) {
+        if validate_login(&w.login_user).is_err() {
             bail!(
                 "workspace {} has an invalid login user {:?}",
                 w.id,
@@ -704,17 +705,21 @@ mod tests {
         ] {
             assert!(entry(true, key, kh).is_err(), "{key:?} {kh:?}");
         }
-        let mut w = workspace(pb::WorkspaceState::Running);
-        w.login_user = "-oProxyCommand=x".into();
-        let e = HostEntry::new(
-            &w,
-            true,
-            Path::new("/a"),
-            Path::new("/s"),
-            Path::new("/k"),
-            Path::new("/kh"),
-        );
-        assert!(e.is_err());
+        // Login users the daemon refuses, root among them (the CLI's old copy of the rule
+        // let root through).
+        for user in ["-oProxyCommand=x", "root"] {
+            let mut w = workspace(pb::WorkspaceState::Running);
+            w.login_user = user.into();
+            let e = HostEntry::new(
+                &w,
+                true,
+                Path::new("/a"),
+                Path::new("/s"),
+                Path::new("/k"),
+                Path::new("/kh"),
+            );
+            assert!(e.is_err(), "{user}");
+        }
         assert!(
             valid_project_name("my-app") && !valid_project_name("*") && !valid_project_name("")
         );
