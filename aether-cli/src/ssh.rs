@@ -17,7 +17,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use aether_domain::validate_login;
+use aether_domain::{validate_login, ProjectName, WorkspaceId};
 use aether_proto::v1 as pb;
 use anyhow::{anyhow, bail, Context};
 use tokio::sync::mpsc;
@@ -30,21 +30,9 @@ use crate::{identity, output};
 /// Largest chunk of stdin in one tunnel message.
 const CHUNK: usize = 32 * 1024;
 
-/// `^ws-[a-z0-9]{6}$`, the daemon's workspace id rule.
-pub fn valid_workspace_id(id: &str) -> bool {
-    id.len() == 9
-        && id.starts_with("ws-")
-        && id[3..]
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-}
-
+/// The daemon's workspace id rule, with its message.
 fn check_workspace_id(id: &str) -> anyhow::Result<()> {
-    if !valid_workspace_id(id) {
-        bail!(
-            "invalid workspace id {id:?}: expected ws- followed by 6 lowercase letters or digits"
-        );
-    }
+    WorkspaceId::parse(id)?;
     Ok(())
 }
 
@@ -266,7 +254,7 @@ impl HostEntry {
             );
         }
         // Project names are [a-z0-9-]: nothing in them means anything to a Host pattern.
-        let project_alias = (only_one_in_project && valid_project_name(&w.project_name))
+        let project_alias = (only_one_in_project && ProjectName::parse(&w.project_name).is_ok())
             .then(|| format!("{}.aether", w.project_name));
         Ok(HostEntry {
             id: w.id.clone(),
@@ -325,16 +313,6 @@ impl HostEntry {
             "proxy_command": self.proxy_command,
         })
     }
-}
-
-/// `^[a-z0-9][a-z0-9-]{0,62}$`, the daemon's project name rule.
-fn valid_project_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b[0] != b'-'
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 /// `aether ssh-config`: a `Host` entry for each of the workspaces `ids` (all the caller's
@@ -499,9 +477,12 @@ mod tests {
         }
     }
 
+    /// Ids are checked by the daemon's rule, with its message, before anything reaches ssh.
     #[test]
     fn workspace_ids() {
-        assert!(valid_workspace_id("ws-abc123"));
+        let exe = Path::new("/usr/bin/aether");
+        let sock = Path::new("/run/aether/aetherd.sock");
+        assert!(proxy_command(exe, sock, "ws-abc123").is_ok());
         for bad in [
             "ws-ABC123",
             "ws-abc12",
@@ -510,8 +491,17 @@ mod tests {
             "ws-abc12;",
             "",
         ] {
-            assert!(!valid_workspace_id(bad), "{bad:?}");
+            let e = proxy_command(exe, sock, bad).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                WorkspaceId::parse(bad).unwrap_err().to_string(),
+                "{bad:?}"
+            );
         }
+        assert_eq!(
+            check_workspace_id("../etc").unwrap_err().to_string(),
+            "invalid workspace id \"../etc\": expected ws- followed by 6 lowercase letters or digits"
+        );
     }
 
     #[test]
@@ -720,9 +710,19 @@ mod tests {
             );
             assert!(e.is_err(), "{user}");
         }
-        assert!(
-            valid_project_name("my-app") && !valid_project_name("*") && !valid_project_name("")
-        );
+        // A project name the daemon would refuse gets no alias.
+        let mut w = workspace(pb::WorkspaceState::Running);
+        w.project_name = "*".into();
+        let e = HostEntry::new(
+            &w,
+            true,
+            Path::new("/a"),
+            Path::new("/s"),
+            Path::new("/k"),
+            Path::new("/kh"),
+        )
+        .unwrap();
+        assert_eq!(e.aliases(), ["ws-abc123"]);
     }
 
     #[test]
