@@ -174,8 +174,7 @@ enum WorkspaceCmd {
     },
     /// List workspaces.
     List {
-        /// Only workspaces in this state: stopped, starting, running, stopping, error, stop_failed.
-        #[arg(long)]
+        #[arg(long, help = status_help())]
         status: Option<String>,
         /// Only workspaces of this project (id or name).
         #[arg(long)]
@@ -276,6 +275,14 @@ enum WorkspaceCmd {
         #[arg(required = true, value_name = "LOCAL:REMOTE", value_parser = forward::parse_forward)]
         forwards: Vec<forward::Forward>,
     },
+}
+
+/// `--status`'s help: the daemon's state names.
+fn status_help() -> String {
+    format!(
+        "Only workspaces in this state: {}",
+        aether_domain::STATE_NAMES.join(", ")
+    )
 }
 
 #[derive(Args, Debug)]
@@ -626,9 +633,7 @@ async fn workspace(
         WorkspaceCmd::List { status, project } => {
             let state = match status.as_deref() {
                 None => pb::WorkspaceState::Unspecified,
-                Some(s) => output::state_from_name(s).ok_or_else(|| {
-                    anyhow!("invalid status {s:?}: expected one of stopped, starting, running, stopping, error, stop_failed")
-                })?,
+                Some(s) => output::state_from_name(s)?,
             };
             let list = c
                 .list_workspaces(pb::ListWorkspacesRequest {
@@ -798,4 +803,40 @@ fn finish(
         output::state_name(w.state)
     );
     Ok(ExitCode::FAILURE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn arg_help(path: &[&str], arg: &str) -> String {
+        let mut cmd = Cli::command();
+        for name in path {
+            cmd = cmd.find_subcommand(name).expect("a subcommand").clone();
+        }
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == arg)
+            .expect("an argument");
+        arg.get_help().expect("a help text").to_string()
+    }
+
+    /// The help texts state the rules the daemon applies (`aether-domain`'s).
+    #[test]
+    fn help_texts_state_the_shared_rules() {
+        Cli::command().debug_assert();
+        assert_eq!(
+            arg_help(&["workspace", "list"], "status"),
+            "Only workspaces in this state: stopped, starting, running, stopping, error, stop_failed"
+        );
+        let name = arg_help(&["project", "create"], "name");
+        let rule = aether_domain::ProjectName::parse("A")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            rule.ends_with(&format!(": use {name}")),
+            "{name:?} is not the rule in {rule:?}"
+        );
+    }
 }

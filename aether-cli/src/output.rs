@@ -1,31 +1,34 @@
 //! Rendering for people (aligned tables, key/value blocks) and for programs (`-o json`, with
 //! the proto's field names).
 
+use aether_domain::STATE_NAMES;
 use aether_proto::v1 as pb;
 use serde_json::{json, Value};
 
+/// The proto's states, in the order of [`STATE_NAMES`] (the names the daemon uses).
+const STATES: [pb::WorkspaceState; 6] = [
+    pb::WorkspaceState::Stopped,
+    pb::WorkspaceState::Starting,
+    pb::WorkspaceState::Running,
+    pb::WorkspaceState::Stopping,
+    pb::WorkspaceState::Error,
+    pb::WorkspaceState::StopFailed,
+];
+
 pub fn state_name(v: i32) -> &'static str {
-    match pb::WorkspaceState::try_from(v) {
-        Ok(pb::WorkspaceState::Stopped) => "stopped",
-        Ok(pb::WorkspaceState::Starting) => "starting",
-        Ok(pb::WorkspaceState::Running) => "running",
-        Ok(pb::WorkspaceState::Stopping) => "stopping",
-        Ok(pb::WorkspaceState::Error) => "error",
-        Ok(pb::WorkspaceState::StopFailed) => "stop_failed",
-        Ok(pb::WorkspaceState::Unspecified) | Err(_) => "unknown",
-    }
+    STATES
+        .iter()
+        .position(|s| *s as i32 == v)
+        .map_or("unknown", |i| STATE_NAMES[i])
 }
 
-pub fn state_from_name(s: &str) -> Option<pb::WorkspaceState> {
-    Some(match s {
-        "stopped" => pb::WorkspaceState::Stopped,
-        "starting" => pb::WorkspaceState::Starting,
-        "running" => pb::WorkspaceState::Running,
-        "stopping" => pb::WorkspaceState::Stopping,
-        "error" => pb::WorkspaceState::Error,
-        "stop_failed" => pb::WorkspaceState::StopFailed,
-        _ => return None,
-    })
+/// A state as users type it (`--status`), refused with the daemon's message.
+pub fn state_from_name(s: &str) -> Result<pb::WorkspaceState, aether_domain::InvalidInput> {
+    let name = aether_domain::parse_state_name(s)?;
+    Ok(STATES[STATE_NAMES
+        .iter()
+        .position(|n| *n == name)
+        .expect("a state name")])
 }
 
 /// `2cpu/2048mb`, plus `/gpu:KIND` with a GPU.
@@ -445,6 +448,29 @@ mod tests {
         assert_eq!(date(1_773_532_800), "2026-03-15");
         assert_eq!(date(951_782_400), "2000-02-29");
         assert_eq!(datetime(1_773_532_800 + 3661), "2026-03-15 01:01:01 UTC");
+    }
+
+    /// Each proto state has the daemon's name (`WORKSPACE_STATE_STOP_FAILED` is
+    /// `stop_failed`), and the names parse back to it.
+    #[test]
+    fn state_names_are_the_daemons() {
+        for (state, name) in STATES.into_iter().zip(STATE_NAMES) {
+            assert_eq!(
+                state.as_str_name(),
+                format!("WORKSPACE_STATE_{}", name.to_ascii_uppercase())
+            );
+            assert_eq!(state_name(state as i32), name);
+            assert_eq!(state_from_name(name).unwrap(), state);
+        }
+        assert_eq!(
+            state_name(pb::WorkspaceState::Unspecified as i32),
+            "unknown"
+        );
+        assert_eq!(state_name(99), "unknown");
+        assert_eq!(
+            state_from_name("paused").unwrap_err().to_string(),
+            "invalid status \"paused\": expected one of stopped, starting, running, stopping, error, stop_failed"
+        );
     }
 
     #[test]
