@@ -91,15 +91,13 @@ impl State {
         }
     }
 
+    /// Parses a state name with the rule the CLI shares (`aether_domain::STATE_NAMES`).
     pub fn parse(s: &str) -> Result<State> {
-        ALL_STATES
+        let name = aether_domain::parse_state_name(s)?;
+        Ok(ALL_STATES
             .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "invalid status {s:?}: expected one of stopped, starting, running, stopping, error, stop_failed"
-                ))
-            })
+            .find(|st| st.as_str() == name)
+            .expect("ALL_STATES has every name of STATE_NAMES (model's tests hold them equal)"))
     }
 
     /// Whether the workspace may be deleted without `force`: its VM is not running.
