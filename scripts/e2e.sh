@@ -24,6 +24,11 @@ if [ "${1:-}" = --inner ]; then
   done
   ETC=$(mktemp -d /tmp/aether-e2e-etc.XXXXXX)
   cp -a /etc/libvirt/. "$ETC/"
+  # An install of aether on this host (scripts/install.sh) keeps its storage pool, network,
+  # filters and domains in /etc/libvirt: this namespace's libvirtd starts without them.
+  rm -f "$ETC"/storage/aether.xml "$ETC"/storage/autostart/aether.xml \
+    "$ETC"/qemu/networks/aether.xml "$ETC"/qemu/networks/autostart/aether.xml \
+    "$ETC"/qemu/aether-*.xml "$ETC"/qemu/autostart/aether-*.xml "$ETC"/nwfilter/aether-*.xml
   mount --bind "$ETC" /etc/libvirt
   mkdir -p /var/lib/libvirt/images /var/log/libvirt/qemu
   # libvirt probes qemu as root (KVM looks present) but checks /dev/kvm as libvirt-qemu; on a
@@ -37,6 +42,10 @@ if [ "${1:-}" = --inner ]; then
     mount --bind /run/libvirt/dev/kvm /dev/kvm
   fi
   ip link set lo up
+  # A real host has addresses besides the bridge's, so its guests' filters get a list of
+  # host addresses (HOST_IP): give this namespace one more (TEST-NET-2, on lo, never routed),
+  # or a rule that cannot take a list passes here and fails on every real host.
+  ip addr add 198.51.100.1/32 dev lo
   cleanup() {
     set +e
     for p in /run/libvirt/e2e-libvirtd.pid /run/libvirt/e2e-virtlogd.pid; do

@@ -62,6 +62,9 @@ default_image = "$IMAGE"
 TOML
 fi
 
+log "/dev/kvm"
+ensure_kvm_device
+
 if $have_systemd; then
   log "starting libvirtd and aetherd (systemd)"
   install -m 0644 systemd/aetherd.service /etc/systemd/system/aetherd.service

@@ -48,3 +48,26 @@ ensure_qemu_user() {
   id libvirt-qemu >/dev/null 2>&1 ||
     useradd -r -g libvirt-qemu -G kvm -s /usr/sbin/nologin -d /var/lib/libvirt libvirt-qemu
 }
+
+# ensure_kvm_device: /dev/kvm usable by group kvm (root:kvm 0660), as Debian's udev rule makes
+# it. Without udev it is root:root 0600: libvirt probes qemu as root (KVM looks present) but
+# checks /dev/kvm as the qemu user, finds its capability cache stale and probes qemu again on
+# every lookup (11-12 s each), so a workspace create runs past aetherd's 30 s libvirt timeout.
+# Says what it changed. Where systemd runs without udev, a tmpfiles rule keeps it so across
+# reboots; without either, run the install again after a reboot.
+ensure_kvm_device() {
+  [ -c /dev/kvm ] || return 0
+  getent group kvm >/dev/null || groupadd -r kvm
+  local was
+  was=$(stat -c '%U:%G %a' /dev/kvm)
+  if [ "$was" != "root:kvm 660" ]; then
+    chgrp kvm /dev/kvm
+    chmod 0660 /dev/kvm
+    echo "/dev/kvm was $was; now root:kvm 660, as udev would make it (libvirt re-probed qemu on every call)"
+  fi
+  if [ -d /run/systemd/system ] && [ ! -S /run/udev/control ] &&
+    [ ! -e /etc/tmpfiles.d/aether-kvm.conf ]; then
+    echo 'z /dev/kvm 0660 root kvm - -' >/etc/tmpfiles.d/aether-kvm.conf
+    echo "wrote /etc/tmpfiles.d/aether-kvm.conf (no udev here: keeps /dev/kvm so after a reboot)"
+  fi
+}

@@ -17,7 +17,10 @@
 //! (they do not need the distribution's `clean-traffic` set) and are (re)defined at every
 //! daemon start. A guest's parameters: `IP` (its reservation), `HOST_IP` (every IPv4 address
 //! of the host, a list), `EPHEMERAL_FIRST`/`EPHEMERAL_LAST` (the host's
-//! `ip_local_port_range`). `MAC` is libvirt's own.
+//! `ip_local_port_range`). `MAC` is libvirt's own. libvirt walks the variables of one rule in
+//! parallel unless told otherwise, and refuses lists of different lengths ("Cardinality of
+//! list items must be the same"): a rule that names `HOST_IP` with another variable gives
+//! it an iterator of its own (`$HOST_IP[@1]`), so every host address pairs with the range.
 
 use std::net::Ipv4Addr;
 
@@ -37,7 +40,7 @@ pub const FILTERS: [&str; 4] = [
   <rule action='return' direction='out' priority='300'><ip dstipaddr='$HOST_IP' protocol='udp' dstportstart='67' dstportend='67'/></rule>
   <rule action='return' direction='out' priority='310'><ip dstipaddr='$HOST_IP' protocol='udp' dstportstart='53' dstportend='53'/></rule>
   <rule action='return' direction='out' priority='320'><ip dstipaddr='$HOST_IP' protocol='tcp' dstportstart='53' dstportend='53'/></rule>
-  <rule action='return' direction='out' priority='330'><ip dstipaddr='$HOST_IP' protocol='tcp' dstportstart='$EPHEMERAL_FIRST' dstportend='$EPHEMERAL_LAST'/></rule>
+  <rule action='return' direction='out' priority='330'><ip dstipaddr='$HOST_IP[@1]' protocol='tcp' dstportstart='$EPHEMERAL_FIRST' dstportend='$EPHEMERAL_LAST'/></rule>
   <rule action='drop' direction='out' priority='400'><ip dstipaddr='$HOST_IP'/></rule>
 </filter>"#,
     r#"<filter name='aether-arp' chain='arp' priority='-510'>
@@ -132,6 +135,46 @@ pub fn ephemeral_ports() -> (u16, u16) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The variables a rule line names, as written (`$HOST_IP[@1]` is `HOST_IP[@1]`).
+    fn variables(rule: &str) -> Vec<&str> {
+        rule.split('$')
+            .skip(1)
+            .map(|v| v.split(['\'', ' ', '/']).next().unwrap_or(""))
+            .collect()
+    }
+
+    /// A host with more than one address (any host outside the test's namespace) makes
+    /// `HOST_IP` a list: a rule that walks it in parallel with a single value is refused when
+    /// the VM starts.
+    #[test]
+    fn a_list_variable_never_walks_in_parallel_with_another() {
+        for filter in FILTERS {
+            for rule in filter.lines().filter(|l| l.contains("<rule")) {
+                let vars = variables(rule);
+                if vars.len() > 1 {
+                    assert!(
+                        !vars.contains(&"HOST_IP"),
+                        "{rule}: HOST_IP needs its own iterator ($HOST_IP[@1]) here"
+                    );
+                }
+            }
+        }
+        let guest = GuestFilter {
+            ip: "192.168.150.5".parse().unwrap(),
+            host_ips: vec![
+                "10.0.0.1".parse().unwrap(),
+                "192.168.150.1".parse().unwrap(),
+            ],
+            ephemeral: (32768, 60999),
+        };
+        let hosts = guest
+            .parameters()
+            .iter()
+            .filter(|(n, _)| *n == "HOST_IP")
+            .count();
+        assert_eq!(hosts, 2);
+    }
 
     #[test]
     fn redefinitions_carry_the_uuid() {
