@@ -7,6 +7,7 @@
 
 use serde::Deserialize;
 
+use crate::caller::Caller;
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -98,6 +99,14 @@ impl Quotas {
             )));
         }
         Ok(())
+    }
+
+    /// [`Quotas::check`] for `caller`, whose usage is `used`: root is not capped.
+    pub fn check_for(&self, caller: Caller, used: u64, claim: Claim) -> Result<()> {
+        if caller.admin {
+            return Ok(());
+        }
+        self.check(caller.uid, used, claim)
     }
 }
 

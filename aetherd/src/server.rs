@@ -14,15 +14,15 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::api::{AetherServer, Service};
 use crate::config::Config;
+use crate::daemon::Daemon;
 use crate::hypervisor::Hypervisor;
 use crate::store::Store;
-use crate::workspace::ops::Manager;
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Claim the socket before touching anything, so a second daemon does no harm.
     let listener = bind_socket(&config.socket)?;
-    // (0700 under the daemon's umask; `Manager::new` gives it its final mode.)
+    // (0700 under the daemon's umask; `Daemon::new` gives it its final mode.)
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state dir {}", config.state_dir.display()))?;
     let db = config.state_dir.join("aetherd.db");
@@ -36,18 +36,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("cannot connect to libvirt at {}", config.libvirt_uri))?;
     let socket = config.socket.clone();
-    let manager = Manager::new(store, hv, config)
+    let daemon = Daemon::new(store, hv, config)
         .await
         .context("cannot prepare storage pool, network or keys")?;
-    manager.reconcile().await.context("reconcile failed")?;
-    manager
+    daemon.reconcile().await.context("reconcile failed")?;
+    daemon
         .start_background()
         .context("cannot start background tasks")?;
 
     tracing::info!(socket = %socket.display(), "serving");
     crate::notify::ready();
     let result = tonic::transport::Server::builder()
-        .add_service(AetherServer::new(Service::new(Arc::clone(&manager))))
+        .add_service(AetherServer::new(Service::new(Arc::new(daemon))))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
     let _ = std::fs::remove_file(&socket);

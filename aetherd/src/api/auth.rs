@@ -8,7 +8,7 @@ use nix::unistd::{Gid, Group, Uid, User};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Status};
 
-use crate::workspace::ops::Caller;
+use crate::caller::Caller;
 
 pub const GROUP: &str = "aether";
 

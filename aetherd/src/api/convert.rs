@@ -9,9 +9,9 @@ use crate::images::{BootMode, Image};
 use crate::model::Hardware;
 use crate::store::TaskRow;
 use crate::store::{Project, Workspace};
-use crate::workspace::ops::live::Runtime;
-use crate::workspace::ops::tasks::Frame;
+use crate::tasks::Frame;
 use crate::workspace::state::State;
+use crate::workspace::Runtime;
 
 use super::status::status;
 

@@ -1,5 +1,5 @@
 //! The gRPC handlers: `impl Aether for Service`, one method per RPC. Each checks the
-//! caller, converts the request to the core's types, calls the [`Manager`] and converts
+//! caller, converts the request to the core's types, calls the part of the [`Daemon`](crate::daemon::Daemon) it is for and converts
 //! what it returns (streams are built in `streams`, uploads read in `upload`).
 
 use std::sync::Arc;
@@ -12,13 +12,12 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::model::HardwareRequest;
+use crate::tasks::{ExecSpec, Tasks};
 use crate::tunnel;
-use crate::workspace::ops::tasks::ExecSpec;
-use crate::workspace::ops::CreateWorkspace;
+use crate::workspace::CreateWorkspace;
 
 use super::auth;
 use super::convert::{image_to_pb, project_to_pb, state_from_pb, task_to_pb};
-use super::status::status;
 use super::streams::{follow_frames, snapshot_project, task_log_stream, watch_stream, ByteStream};
 use super::upload::{receive_image_header, receive_image_parts};
 use super::Service;
@@ -29,7 +28,7 @@ type Reply<T> = Result<Response<T>, Status>;
 impl Aether for Service {
     async fn get_host_info(&self, req: Request<pb::GetHostInfoRequest>) -> Reply<pb::HostInfo> {
         auth::caller(&req)?;
-        let h = self.manager.host_info().await.map_err(status)?;
+        let h = self.daemon.host_info().await?;
         Ok(Response::new(pb::HostInfo {
             version: h.version.to_owned(),
             libvirt_uri: h.libvirt_uri,
@@ -57,10 +56,7 @@ impl Aether for Service {
 
     async fn create_project(&self, req: Request<pb::CreateProjectRequest>) -> Reply<pb::Project> {
         let caller = auth::caller(&req)?;
-        let p = self
-            .manager
-            .create_project(caller, &req.get_ref().name)
-            .map_err(status)?;
+        let p = self.daemon.projects.create(caller, &req.get_ref().name)?;
         Ok(Response::new(project_to_pb(p)))
     }
 
@@ -69,7 +65,7 @@ impl Aether for Service {
         req: Request<pb::ListProjectsRequest>,
     ) -> Reply<pb::ListProjectsResponse> {
         let caller = auth::caller(&req)?;
-        let projects = self.manager.list_projects(caller).map_err(status)?;
+        let projects = self.daemon.projects.list(caller)?;
         Ok(Response::new(pb::ListProjectsResponse {
             projects: projects.into_iter().map(project_to_pb).collect(),
         }))
@@ -77,10 +73,7 @@ impl Aether for Service {
 
     async fn get_project(&self, req: Request<pb::GetProjectRequest>) -> Reply<pb::Project> {
         let caller = auth::caller(&req)?;
-        let p = self
-            .manager
-            .get_project(caller, &req.get_ref().project)
-            .map_err(status)?;
+        let p = self.daemon.projects.get(caller, &req.get_ref().project)?;
         Ok(Response::new(project_to_pb(p)))
     }
 
@@ -89,9 +82,9 @@ impl Aether for Service {
         req: Request<pb::DeleteProjectRequest>,
     ) -> Reply<pb::DeleteProjectResponse> {
         let caller = auth::caller(&req)?;
-        self.manager
-            .delete_project(caller, &req.get_ref().project)
-            .map_err(status)?;
+        self.daemon
+            .projects
+            .delete(caller, &req.get_ref().project)?;
         Ok(Response::new(pb::DeleteProjectResponse {}))
     }
 
@@ -115,11 +108,7 @@ impl Aether for Service {
             ssh_authorized_keys: r.ssh_authorized_keys,
             idle_timeout: r.idle_timeout,
         };
-        let ws = self
-            .manager
-            .create_workspace(caller, &create)
-            .await
-            .map_err(status)?;
+        let ws = self.daemon.workspaces.create(caller, &create).await?;
         Ok(Response::new(self.view(ws)))
     }
 
@@ -131,10 +120,7 @@ impl Aether for Service {
         let r = req.get_ref();
         let state = state_from_pb(r.state)?;
         let project = (!r.project.is_empty()).then_some(r.project.as_str());
-        let list = self
-            .manager
-            .list_workspaces(caller, state, project)
-            .map_err(status)?;
+        let list = self.daemon.workspaces.list(caller, state, project)?;
         Ok(Response::new(pb::ListWorkspacesResponse {
             workspaces: list.into_iter().map(|w| self.view(w)).collect(),
         }))
@@ -142,10 +128,7 @@ impl Aether for Service {
 
     async fn get_workspace(&self, req: Request<pb::GetWorkspaceRequest>) -> Reply<pb::Workspace> {
         let caller = auth::caller(&req)?;
-        let ws = self
-            .manager
-            .get_workspace(caller, &req.get_ref().id)
-            .map_err(status)?;
+        let ws = self.daemon.workspaces.get(caller, &req.get_ref().id)?;
         Ok(Response::new(self.view(ws)))
     }
 
@@ -155,21 +138,17 @@ impl Aether for Service {
     ) -> Reply<pb::Workspace> {
         let caller = auth::caller(&req)?;
         let ws = self
-            .manager
-            .start_workspace(caller, &req.get_ref().id)
-            .await
-            .map_err(status)?;
+            .daemon
+            .workspaces
+            .start(caller, &req.get_ref().id)
+            .await?;
         Ok(Response::new(self.view(ws)))
     }
 
     async fn stop_workspace(&self, req: Request<pb::StopWorkspaceRequest>) -> Reply<pb::Workspace> {
         let caller = auth::caller(&req)?;
         let r = req.get_ref();
-        let ws = self
-            .manager
-            .stop_workspace(caller, &r.id, r.force)
-            .await
-            .map_err(status)?;
+        let ws = self.daemon.workspaces.stop(caller, &r.id, r.force).await?;
         Ok(Response::new(self.view(ws)))
     }
 
@@ -179,10 +158,10 @@ impl Aether for Service {
     ) -> Reply<pb::DeleteWorkspaceResponse> {
         let caller = auth::caller(&req)?;
         let r = req.get_ref();
-        self.manager
-            .delete_workspace(caller, &r.id, r.force)
-            .await
-            .map_err(status)?;
+        self.daemon
+            .workspaces
+            .delete(caller, &r.id, r.force)
+            .await?;
         Ok(Response::new(pb::DeleteWorkspaceResponse {}))
     }
 
@@ -200,10 +179,10 @@ impl Aether for Service {
             gpu_kind: r.gpu_kind,
         };
         let ws = self
-            .manager
-            .update_workspace(caller, &r.id, &hw, r.idle_timeout.as_deref())
-            .await
-            .map_err(status)?;
+            .daemon
+            .workspaces
+            .update(caller, &r.id, &hw, r.idle_timeout.as_deref())
+            .await?;
         Ok(Response::new(self.view(ws)))
     }
 
@@ -215,12 +194,21 @@ impl Aether for Service {
         let mut env: Vec<(String, String)> = r.env.into_iter().collect();
         env.sort();
         let spec = ExecSpec {
-            workspace: r.workspace_id,
             argv: r.argv,
             env,
             workdir: r.workdir,
         };
-        let (task, rx) = self.manager.exec(caller, &spec).await.map_err(status)?;
+        // Bad input is refused before the workspace is looked at.
+        let remote = Tasks::command_of(&spec)?;
+        let (ws, ip) = self
+            .daemon
+            .workspaces
+            .running_with_address(caller, &r.workspace_id)?;
+        let (task, rx) = self
+            .daemon
+            .tasks
+            .exec(caller, &ws, ip, &spec, &remote)
+            .await?;
         let first = pb::TaskOutput {
             task_id: task.id.clone(),
             state: task.state.clone(),
@@ -240,8 +228,11 @@ impl Aether for Service {
     async fn list_tasks(&self, req: Request<pb::ListTasksRequest>) -> Reply<pb::ListTasksResponse> {
         let caller = auth::caller(&req)?;
         let r = req.get_ref();
-        let ws = (!r.workspace_id.is_empty()).then_some(r.workspace_id.as_str());
-        let tasks = self.manager.list_tasks(caller, ws).map_err(status)?;
+        let ws = match r.workspace_id.as_str() {
+            "" => None,
+            id => Some(self.daemon.workspaces.get(caller, id)?.id),
+        };
+        let tasks = self.daemon.tasks.list(caller, ws.as_ref())?;
         Ok(Response::new(pb::ListTasksResponse {
             tasks: tasks.into_iter().map(task_to_pb).collect(),
         }))
@@ -252,19 +243,13 @@ impl Aether for Service {
     async fn task_logs(&self, req: Request<pb::TaskLogsRequest>) -> Reply<Self::TaskLogsStream> {
         let caller = auth::caller(&req)?;
         let r = req.get_ref();
-        let (task, reader) = self
-            .manager
-            .task_logs(caller, &r.task_id, r.follow)
-            .map_err(status)?;
+        let (task, reader) = self.daemon.tasks.logs(caller, &r.task_id, r.follow)?;
         Ok(Response::new(task_log_stream(task, reader)))
     }
 
     async fn cancel_task(&self, req: Request<pb::CancelTaskRequest>) -> Reply<pb::Task> {
         let caller = auth::caller(&req)?;
-        let task = self
-            .manager
-            .cancel_task(caller, &req.get_ref().task_id)
-            .map_err(status)?;
+        let task = self.daemon.tasks.cancel(caller, &req.get_ref().task_id)?;
         Ok(Response::new(task_to_pb(task)))
     }
 
@@ -277,25 +262,19 @@ impl Aether for Service {
         let caller = auth::caller(&req)?;
         let r = req.into_inner();
         // Subscribe before the snapshot, so no change falls between them.
-        let changes = self.manager.subscribe();
+        let changes = self.daemon.feed.subscribe();
         let project = (!r.project.is_empty()).then_some(r.project.as_str());
-        let mut snapshot = self
-            .manager
-            .list_workspaces(caller, None, project)
-            .map_err(status)?;
+        let mut snapshot = self.daemon.workspaces.list(caller, None, project)?;
         let only = if r.workspace_id.is_empty() {
             None
         } else {
-            let ws = self
-                .manager
-                .get_workspace(caller, &r.workspace_id)
-                .map_err(status)?;
+            let ws = self.daemon.workspaces.get(caller, &r.workspace_id)?;
             snapshot.retain(|w| w.id == ws.id);
             Some(ws.id)
         };
-        let project_id = snapshot_project(&self.manager, caller, project)?;
+        let project_id = snapshot_project(&self.daemon.projects, caller, project)?;
         Ok(Response::new(watch_stream(
-            Arc::clone(&self.manager),
+            Arc::clone(&self.daemon),
             caller,
             changes,
             snapshot,
@@ -318,14 +297,14 @@ impl Aether for Service {
                     "max_bytes {n} is too large: a console log read returns at most {} bytes (1 MiB)",
                     crate::files::MAX_LOG_READ
                 ));
-                return Err(status(e));
+                return Err(e.into());
             }
         };
-        let manager = Arc::clone(&self.manager);
-        let data = tokio::task::spawn_blocking(move || manager.console_log(caller, &r.id, max))
-            .await
-            .map_err(|e| status(Error::Internal(format!("cannot read the console log: {e}"))))?
-            .map_err(status)?;
+        let daemon = Arc::clone(&self.daemon);
+        let data =
+            tokio::task::spawn_blocking(move || daemon.workspaces.console_log(caller, &r.id, max))
+                .await
+                .map_err(|e| Error::Internal(format!("cannot read the console log: {e}")))??;
         Ok(Response::new(pb::ConsoleLog { data }))
     }
 
@@ -344,27 +323,27 @@ impl Aether for Service {
                 msg: Some(Msg::Open(open)),
             }) => open,
             Some(_) => {
-                return Err(status(Error::invalid(
+                return Err(Status::from(Error::invalid(
                     "the first tunnel message must be `open` (workspace id and port)",
                 )))
             }
             None => {
-                return Err(status(Error::invalid(
+                return Err(Status::from(Error::invalid(
                     "the tunnel request stream ended before `open`",
                 )))
             }
         };
-        let port = tunnel::port(open.port).map_err(status)?;
+        let port = tunnel::port(open.port)?;
         let (id, addr) = self
-            .manager
-            .tunnel_target(caller, &open.workspace_id, port)
-            .map_err(status)?;
+            .daemon
+            .workspaces
+            .tunnel_target(caller, &open.workspace_id, port)?;
         let guest = tunnel::connect(addr).await.map_err(|e| {
             Status::unavailable(format!(
                 "cannot connect to port {port} of workspace {id} ({addr}): {e}"
             ))
         })?;
-        let guard = self.manager.connections.open(&id);
+        let guard = self.daemon.connections.open(&id);
         tracing::info!(workspace = %id, port, "tunnel opened");
         let from_client = incoming.filter_map(|r| match r {
             Ok(pb::TunnelRequest {
@@ -399,22 +378,19 @@ impl Aether for Service {
         // The name is reserved before anything is written: a concurrent import of it is
         // refused here, at once. Dropping `upload` (on any error below, or a cancelled
         // request) removes its staging dir and frees the name.
-        let upload = self
-            .manager
-            .begin_image_import(
-                caller,
-                &header.name,
-                header.boot_mode,
-                header.cmdline,
-                header.source_name,
-            )
-            .map_err(status)?;
-        let manager = &self.manager;
+        let upload = self.daemon.images.begin_import(
+            caller,
+            &header.name,
+            header.boot_mode,
+            header.cmdline,
+            header.source_name,
+        )?;
+        let images = &self.daemon.images;
         receive_image_parts(&mut stream, &upload.dir, |total| {
-            manager.check_upload(caller, total).map_err(status)
+            Ok(images.check_upload(caller, total)?)
         })
         .await?;
-        let image = self.manager.import_image(upload).await.map_err(status)?;
+        let image = self.daemon.images.import(upload).await?;
         Ok(Response::new(image_to_pb(&image)))
     }
 
@@ -423,7 +399,7 @@ impl Aether for Service {
         req: Request<pb::ListImagesRequest>,
     ) -> Reply<pb::ListImagesResponse> {
         let caller = auth::caller(&req)?;
-        let images = self.manager.list_images(caller).map_err(status)?;
+        let images = self.daemon.images.list(caller)?;
         Ok(Response::new(pb::ListImagesResponse {
             images: images.iter().map(image_to_pb).collect(),
         }))
@@ -434,10 +410,10 @@ impl Aether for Service {
         req: Request<pb::DeleteImageRequest>,
     ) -> Reply<pb::DeleteImageResponse> {
         let caller = auth::caller(&req)?;
-        self.manager
-            .delete_image(caller, &req.get_ref().name)
-            .await
-            .map_err(status)?;
+        self.daemon
+            .images
+            .delete(caller, &req.get_ref().name)
+            .await?;
         Ok(Response::new(pb::DeleteImageResponse {}))
     }
 }

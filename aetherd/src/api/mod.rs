@@ -1,6 +1,6 @@
 //! The gRPC service. Protobuf types stay in this module: requests are converted to the core's
 //! validated types on the way in, core types to protobuf on the way out, and errors to a
-//! `Status` in exactly one place ([`status()`]).
+//! `Status` in exactly one place ([`status()`], which `?` uses through `From`).
 //!
 //! Here: [`Service`] and what the rest of the daemon uses of the API. The parts: `auth` (who
 //! may call), `handlers` (one method per RPC), `convert` (core types ↔ protobuf), `status`
@@ -21,24 +21,24 @@ use std::sync::Arc;
 
 use aether_proto::v1 as pb;
 
+use crate::daemon::Daemon;
 use crate::store::Workspace;
-use crate::workspace::ops::Manager;
 
 use convert::workspace_to_pb;
 
 pub use aether_proto::v1::aether_server::AetherServer;
 
 pub struct Service {
-    manager: Arc<Manager>,
+    daemon: Arc<Daemon>,
 }
 
 impl Service {
-    pub fn new(manager: Arc<Manager>) -> Self {
-        Self { manager }
+    pub fn new(daemon: Arc<Daemon>) -> Self {
+        Self { daemon }
     }
 
     fn view(&self, ws: Workspace) -> pb::Workspace {
-        let rt = self.manager.runtime(&ws);
+        let rt = self.daemon.workspaces.runtime(&ws);
         workspace_to_pb(ws, rt)
     }
 }

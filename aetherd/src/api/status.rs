@@ -5,6 +5,12 @@ use tonic::Status;
 
 use crate::error::Error;
 
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        status(e)
+    }
+}
+
 /// The single mapping from the daemon's errors to gRPC status codes.
 pub fn status(e: Error) -> Status {
     if let Error::Hypervisor(h) = &e {

@@ -7,14 +7,16 @@ use aether_proto::v1 as pb;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+use crate::caller::Caller;
+use crate::daemon::Daemon;
+use crate::feed::{Change, ChangeKind};
 use crate::model::{ProjectId, WorkspaceId};
+use crate::projects::Projects;
 use crate::store::{TaskRow, Workspace};
-use crate::workspace::ops::live::{Change, ChangeKind, Runtime};
-use crate::workspace::ops::tasks::{Frame, TaskLogReader};
-use crate::workspace::ops::{Caller, Manager};
+use crate::tasks::{Frame, TaskLogReader};
+use crate::workspace::Runtime;
 
 use super::convert::{frame_to_pb, workspace_to_pb};
-use super::status::status;
 
 pub(super) type ByteStream<T> =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
@@ -70,12 +72,12 @@ pub(super) fn follow_frames(
 
 /// The project id a watch is filtered to, if any.
 pub(super) fn snapshot_project(
-    manager: &Manager,
+    projects: &Projects,
     caller: Caller,
     project: Option<&str>,
 ) -> Result<Option<crate::model::ProjectId>, Status> {
     match project {
-        Some(p) => Ok(Some(manager.get_project(caller, p).map_err(status)?.id)),
+        Some(p) => Ok(Some(projects.get(caller, p)?.id)),
         None => Ok(None),
     }
 }
@@ -102,7 +104,7 @@ pub(super) fn task_log_stream(
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = tx.send(Err(status(e))).await;
+                    let _ = tx.send(Err(e.into())).await;
                     return;
                 }
             }
@@ -130,7 +132,7 @@ pub(super) fn task_log_stream(
 /// A watch: the `snapshot`, its end, then each change in `changes` that `caller` may see,
 /// narrowed to the workspace `only` and the project `project_id` when given.
 pub(super) fn watch_stream(
-    manager: Arc<Manager>,
+    daemon: Arc<Daemon>,
     caller: Caller,
     mut changes: tokio::sync::broadcast::Receiver<Change>,
     snapshot: Vec<Workspace>,
@@ -147,8 +149,8 @@ pub(super) fn watch_stream(
             })
         };
         for ws in snapshot {
-            let rt = manager.runtime(&ws);
-            let seq = manager.next_seq();
+            let rt = daemon.workspaces.runtime(&ws);
+            let seq = daemon.feed.next_seq();
             let e = event(
                 seq,
                 pb::workspace_event::Kind::Snapshot,
@@ -158,7 +160,7 @@ pub(super) fn watch_stream(
                 return;
             }
         }
-        let seq = manager.next_seq();
+        let seq = daemon.feed.next_seq();
         if tx
             .send(event(seq, pb::workspace_event::Kind::SnapshotEnd, None))
             .await
@@ -192,7 +194,7 @@ pub(super) fn watch_stream(
             };
             let rt = Runtime {
                 phase: change.phase,
-                ..manager.runtime(&ws)
+                ..daemon.workspaces.runtime(&ws)
             };
             if tx
                 .send(event(change.seq, kind, Some(workspace_to_pb(ws, rt))))

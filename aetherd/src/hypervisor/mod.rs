@@ -406,6 +406,30 @@ impl Hypervisor {
         .await
     }
 
+    /// Every domain aether made (named `aether-<workspace>` and carrying aether's metadata
+    /// for that workspace), with whether it is running.
+    pub async fn owned_domains(&self) -> Result<Vec<(WorkspaceId, bool)>> {
+        self.call("virConnectListAllDomains", |c| {
+            let mut owned = Vec::new();
+            for dom in c.list_all_domains(0)? {
+                let Some(ws) = dom
+                    .name()
+                    .ok()
+                    .and_then(|n| n.strip_prefix("aether-").map(str::to_owned))
+                    .and_then(|id| WorkspaceId::parse(&id).ok())
+                else {
+                    continue;
+                };
+                // A domain of that name that is not aether's is left out, not an error.
+                if matches!(owned_domain(c, &ws), Ok(Some(_))) {
+                    owned.push((ws, dom.is_active()?));
+                }
+            }
+            Ok(owned)
+        })
+        .await
+    }
+
     /// Removes the domain definition. A missing domain is fine.
     pub async fn undefine(&self, ws: &WorkspaceId) -> Result<()> {
         let ws = ws.clone();

@@ -15,18 +15,20 @@
 //!
 //! The parts: `check` (the hostile-image checks: signatures, the format decision,
 //! [`check_disk`], [`identify`]), `qcow2` (our own read of a qcow2 header), `qemu_img`
-//! (running `qemu-img` under limits, judging what it says, [`convert_raw`]) and `layout`
-//! ([`Layout`], the daemon's paths, and [`move_into_pool`]).
+//! (running `qemu-img` under limits, judging what it says, [`convert_raw`]), `pool`
+//! ([`move_into_pool`]) and `service` ([`Images`]: import, list, delete).
 
 mod check;
-mod layout;
+mod pool;
 mod qcow2;
 mod qemu_img;
+mod service;
 
 pub use check::{check_disk, claimed_format, decide_format, identify, sniff, CheckedDisk};
-pub use layout::{move_into_pool, Layout};
+pub use pool::move_into_pool;
 pub use qcow2::check_qcow2_header;
 pub use qemu_img::{convert_raw, judge_check, judge_info, FormatSpecific, QemuImgInfo};
+pub use service::{ImageUpload, Images};
 
 use crate::error::{Error, Result};
 

@@ -10,7 +10,6 @@ use crate::error::{Error, Result};
 /// What `exec` is asked to run.
 #[derive(Clone, Debug, Default)]
 pub struct ExecSpec {
-    pub workspace: String,
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub workdir: String,
@@ -141,7 +140,6 @@ mod tests {
         assert_eq!(sh_quote("a b"), "'a b'");
         assert_eq!(sh_quote("it's"), r"'it'\''s'");
         let spec = ExecSpec {
-            workspace: "ws-abc123".into(),
             argv: vec!["echo".into(), "$(rm -rf /)".into(), "a'b".into()],
             env: vec![("GREETING".into(), "hi there".into())],
             workdir: "/tmp/x y".into(),
@@ -155,7 +153,6 @@ mod tests {
     #[test]
     fn bad_specs_are_refused() {
         let spec = |argv: Vec<&str>, env: Vec<(&str, &str)>| ExecSpec {
-            workspace: "ws-abc123".into(),
             argv: argv.into_iter().map(Into::into).collect(),
             env: env.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
             workdir: String::new(),

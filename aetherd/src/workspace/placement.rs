@@ -4,13 +4,13 @@
 //! [`Store::write_transition`](crate::store::Store::write_transition)), so two starts cannot
 //! both take the last free CPU, memory or GPU.
 
+use crate::caller::Caller;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hypervisor::gpu::Gpu;
 use crate::model::WorkspaceId;
 use crate::quota::{Claim, Quotas};
 use crate::store::Workspace;
-use crate::workspace::ops::Caller;
 
 /// The host's CPUs, memory and GPUs, and the config that limits their use.
 pub struct Placement {
@@ -47,15 +47,6 @@ impl Placement {
         &self.gpus
     }
 
-    /// Refuses `claim` when it would take `caller` past its quota, given what it `used`.
-    /// Root is not capped.
-    fn quota(&self, caller: Caller, used: u64, claim: Claim) -> Result<()> {
-        if caller.admin {
-            return Ok(());
-        }
-        self.quota.check(caller.uid, used, claim)
-    }
-
     /// Picks what `ws` needs to run (for the runner's start transition, in its store
     /// transaction, given every workspace): refused when `caller`'s quota or the host cannot
     /// run it; otherwise the host CPUs dedicated to it and its GPU.
@@ -80,12 +71,13 @@ impl Placement {
             .filter(|w| w.owner_uid == ws.owner_uid && w.id != ws.id && !w.state.vm_is_off())
             .collect();
         let vcpus: u64 = running.iter().map(|w| u64::from(w.hardware.cpus)).sum();
-        self.quota(caller, vcpus, Claim::RunningVcpus(hw.cpus))?;
+        self.quota
+            .check_for(caller, vcpus, Claim::RunningVcpus(hw.cpus))?;
         let memory: u64 = running
             .iter()
             .map(|w| u64::from(w.hardware.memory_mb))
             .sum();
-        self.quota(
+        self.quota.check_for(
             caller,
             memory,
             Claim::RunningMemoryMb(u64::from(hw.memory_mb)),

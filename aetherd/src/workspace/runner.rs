@@ -24,13 +24,17 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::caller::Caller;
 use crate::error::{Error, Result};
 use crate::hypervisor::events::DomainEvent;
 use crate::hypervisor::DomainStatus;
 use crate::model::{HardwareRequest, WorkspaceId};
 use crate::store::{Holdings, Workspace};
-use crate::workspace::ops::{Caller, Manager, Provisioning, Readiness};
+use crate::workspace::jobs::Jobs;
+use crate::workspace::provision::Provisioning;
+use crate::workspace::readiness::{console_hint, BootOutcome};
 use crate::workspace::state::{self, Effect, Event, Hold, State};
+use crate::workspace::Workspaces;
 
 /// How many inputs may wait in a runner's inbox; senders wait beyond that.
 pub const INBOX: usize = 64;
@@ -70,7 +74,7 @@ struct Job {
 }
 
 enum JobResult {
-    Boot(Result<Readiness>),
+    Boot(Result<BootOutcome>),
     /// Whether the VM is off.
     Shutdown(Result<bool>),
 }
@@ -83,11 +87,11 @@ enum Flow {
 }
 
 /// Starts the runner of `id`; it ends when every sender is gone or the workspace is deleted.
-pub fn spawn(manager: Arc<Manager>, id: WorkspaceId) -> mpsc::Sender<Input> {
+pub fn spawn(workspaces: Arc<Workspaces>, id: WorkspaceId) -> mpsc::Sender<Input> {
     let (tx, rx) = mpsc::channel(INBOX);
     let runner = Runner {
         id,
-        m: manager,
+        w: workspaces,
         rx,
         job: None,
         stop_reason: "",
@@ -99,7 +103,7 @@ pub fn spawn(manager: Arc<Manager>, id: WorkspaceId) -> mpsc::Sender<Input> {
 
 struct Runner {
     id: WorkspaceId,
-    m: Arc<Manager>,
+    w: Arc<Workspaces>,
     rx: mpsc::Receiver<Input>,
     job: Option<Job>,
     /// The reason the graceful stop in flight records when it ends ("idle timeout").
@@ -138,12 +142,12 @@ impl Runner {
         }
         self.cancel_job().await;
         if let Some(me) = me.upgrade() {
-            self.m.runner_ended(&self.id, &me);
+            self.w.runner_ended(&self.id, &me);
         }
     }
 
     async fn on_input(&mut self, input: Input) -> Flow {
-        let ws = match self.m.store().get_workspace(&self.id, None) {
+        let ws = match self.w.d.store.get_workspace(&self.id, None) {
             Ok(ws) => ws,
             Err(e) => {
                 reply_err(input, e);
@@ -152,7 +156,7 @@ impl Runner {
         };
         match input {
             Input::Provision(p, reply) => {
-                let result = self.m.provision_or_undo(&ws, &p).await;
+                let result = self.w.d.provisioner.provision_or_undo(&ws, &p).await;
                 let failed = result.is_err();
                 let _ = reply.send(result.map(|()| ws));
                 if failed {
@@ -176,8 +180,8 @@ impl Runner {
                 reply,
             } => {
                 let result = self
-                    .m
-                    .update(caller, &ws, &hardware, idle_timeout_secs)
+                    .w
+                    .update_in_runner(caller, &ws, &hardware, idle_timeout_secs)
                     .await;
                 let _ = reply.send(result);
             }
@@ -220,7 +224,7 @@ impl Runner {
             self.cancel_job().await;
         }
         if step.effects.contains(&Effect::PowerOff) {
-            if let Err(e) = self.m.hv().destroy(&ws.id).await {
+            if let Err(e) = self.w.d.hv.destroy(&ws.id).await {
                 // A forced stop that cannot power the VM off changes nothing; for a failure
                 // or crash, the state is recorded all the same.
                 if event == Event::ForceStop {
@@ -234,7 +238,7 @@ impl Runner {
                 uid: me.owner_uid,
                 admin: true,
             });
-            self.m.place(caller, me, all)
+            self.w.d.pinning.placement().place(caller, me, all)
         };
         let holdings = match step.hold {
             Hold::Keep => Holdings::Keep,
@@ -242,17 +246,18 @@ impl Runner {
             Hold::Take => Holdings::Take(&place),
         };
         let updated = self
-            .m
-            .store()
+            .w
+            .d
+            .store
             .write_transition(&ws, step.to, reason, holdings)?;
         if event == Event::Start {
             crate::fault::point("start:transition");
         }
         if step.effects.contains(&Effect::EndTasks) {
-            self.m.lose_tasks_of(&ws.id);
+            self.w.d.tasks.lose_tasks_of(&ws.id);
         }
         // Published before a job starts, so watchers see the new state before its phases.
-        self.m.transitioned(&ws, &updated);
+        self.w.transitioned(&ws, &updated);
         for effect in step.effects {
             match effect {
                 Effect::CancelJob | Effect::PowerOff | Effect::EndTasks => {}
@@ -266,10 +271,10 @@ impl Runner {
     fn spawn_job(
         &mut self,
         ws: &Workspace,
-        work: impl FnOnce(Arc<Manager>, Workspace, watch::Receiver<bool>) -> JoinHandle<JobResult>,
+        work: impl FnOnce(Arc<Jobs>, Workspace, watch::Receiver<bool>) -> JoinHandle<JobResult>,
     ) {
         let (cancel, cancelled) = watch::channel(false);
-        let handle = work(Arc::clone(&self.m), ws.clone(), cancelled);
+        let handle = work(Arc::clone(&self.w.d.jobs), ws.clone(), cancelled);
         self.job = Some(Job {
             generation: ws.generation,
             cancel,
@@ -278,14 +283,16 @@ impl Runner {
     }
 
     fn spawn_boot(&mut self, ws: &Workspace) {
-        self.spawn_job(ws, |m, ws, cancelled| {
-            tokio::spawn(async move { JobResult::Boot(m.boot(&ws, cancelled).await) })
+        self.spawn_job(ws, |jobs, ws, cancelled| {
+            tokio::spawn(async move { JobResult::Boot(jobs.boot(&ws, cancelled).await) })
         });
     }
 
     fn spawn_shutdown(&mut self, ws: &Workspace) {
-        self.spawn_job(ws, |m, ws, cancelled| {
-            tokio::spawn(async move { JobResult::Shutdown(m.shut_down(&ws.id, cancelled).await) })
+        self.spawn_job(ws, |jobs, ws, cancelled| {
+            tokio::spawn(
+                async move { JobResult::Shutdown(jobs.shut_down(&ws.id, cancelled).await) },
+            )
         });
     }
 
@@ -298,7 +305,7 @@ impl Runner {
     }
 
     async fn on_job_done(&mut self, generation: u64, result: JobResult) {
-        let ws = match self.m.store().get_workspace(&self.id, None) {
+        let ws = match self.w.d.store.get_workspace(&self.id, None) {
             Ok(ws) => ws,
             Err(e) => {
                 tracing::debug!(workspace = %self.id, error = %e, "job ended for a workspace that is gone");
@@ -309,13 +316,16 @@ impl Runner {
             return;
         }
         let (event, reason) = match result {
-            JobResult::Boot(Ok(Readiness::Ready)) => (Event::Ready, String::new()),
-            JobResult::Boot(Ok(Readiness::Cancelled)) => return,
+            JobResult::Boot(Ok(BootOutcome::Ready)) => (Event::Ready, String::new()),
+            JobResult::Boot(Ok(BootOutcome::Cancelled)) => return,
             JobResult::Boot(Err(e)) => {
                 tracing::warn!(workspace = %ws.id, error = %e, "start failed");
                 (
                     Event::BootFailed,
-                    format!("start failed: {e}{}", self.m.console_hint(&ws.id)),
+                    format!(
+                        "start failed: {e}{}",
+                        console_hint(&self.w.d.layout, &ws.id)
+                    ),
                 )
             }
             JobResult::Shutdown(Ok(true)) => (Event::PoweredOff, self.stop_reason.to_owned()),
@@ -323,7 +333,7 @@ impl Runner {
                 Event::StopTimedOut,
                 format!(
                     "the guest did not power off within {} s of the ACPI shutdown request",
-                    self.m.stop_timeout().as_secs()
+                    self.w.d.jobs.stop_timeout().as_secs()
                 ),
             ),
             JobResult::Shutdown(Err(e)) => (Event::StopTimedOut, format!("stop failed: {e}")),
@@ -347,7 +357,10 @@ impl Runner {
             ),
             (DomainEvent::Crashed { .. }, _) => (
                 Event::Crashed,
-                format!("qemu crashed or failed{}", self.m.console_hint(&ws.id)),
+                format!(
+                    "qemu crashed or failed{}",
+                    console_hint(&self.w.d.layout, &ws.id)
+                ),
             ),
         };
         let result = self.apply(ws, event, &reason, None).await;
@@ -357,7 +370,10 @@ impl Runner {
     async fn on_idle_expired(&mut self, ws: Workspace, generation: u64) {
         // Anything that changed the workspace or made it active re-armed or cancelled the
         // timer; these checks only close the race with a change in flight.
-        if ws.generation != generation || ws.state != State::Running || self.m.is_active(&ws.id) {
+        if ws.generation != generation
+            || ws.state != State::Running
+            || self.w.d.idle.is_active(&ws.id)
+        {
             return;
         }
         tracing::info!(workspace = %ws.id, "idle timeout: stopping");
@@ -381,11 +397,11 @@ impl Runner {
         self.cancel_job().await;
         // Marked first: a daemon that dies from here on leaves a delete that reconcile
         // finishes.
-        let ws = self.m.store().mark_deleting(&ws)?;
+        let ws = self.w.d.store.mark_deleting(&ws)?;
         crate::fault::point("delete:marked");
-        self.m.deprovision(&ws).await?;
-        self.m.store().delete_workspace(&ws)?;
-        self.m.deleted(&ws);
+        self.w.d.provisioner.deprovision(&ws).await?;
+        self.w.d.store.delete_workspace(&ws)?;
+        self.w.deleted(&ws);
         Ok(())
     }
 
@@ -393,14 +409,15 @@ impl Runner {
     /// again, a transitional state is settled or its job resumed. Nothing is deleted.
     async fn reconcile(&mut self, ws: Workspace) -> Result<()> {
         if ws.provisioning.is_some() {
-            self.m.settle_provisioning(&ws).await?;
+            self.w.d.provisioner.settle(&ws).await?;
+            self.w.deleted(&ws);
             return Ok(());
         }
-        self.m.ensure_seed(&ws).await?;
-        let mut status = self.m.hv().status(&ws.id).await?;
+        self.w.d.provisioner.ensure_seed(&ws).await?;
+        let mut status = self.w.d.hv.status(&ws.id).await?;
         if status == DomainStatus::Missing {
             tracing::warn!(workspace = %ws.id, "domain missing; defining it again");
-            self.m.define(&ws).await?;
+            self.w.d.provisioner.define(&ws).await?;
             status = DomainStatus::Off;
         }
         let active = status == DomainStatus::Active;

@@ -1,12 +1,57 @@
 //! A workspace's host-side resources: its domain definition (from the row), root volume,
 //! seed and address reservation, made in recorded steps at create and removed at delete (see
-//! migration 11 in `store::migrations`); and the settling of a row a crash left marked.
+//! migration 11 in `store::migrations`); their changes at update; and the settling of a row
+//! a crash left marked.
+//!
+//! Invariants: every step of [`Provisioner::provision`] can be undone by
+//! [`Provisioner::deprovision`], which takes whatever is there (missing pieces are fine), so
+//! a row marked `creating` or `deleting` is always settled by removing everything.
 
-use super::*;
-use crate::store::Provisioning as Mark;
+use std::sync::Arc;
 
-impl Manager {
-    pub(super) fn spec(&self, ws: &Workspace) -> Result<DomainSpec> {
+use crate::cloudinit::{self, KeyPair};
+use crate::error::{Error, Result};
+use crate::files;
+use crate::host::Layout;
+use crate::hypervisor::{Boot, DomainSpec, DomainType, Hypervisor};
+use crate::images::{BootMode, Image, ImageId};
+use crate::model::Hardware;
+use crate::network::Subnet;
+use crate::store::{Provisioning as Mark, Store, Workspace};
+use crate::tasks::Tasks;
+use crate::workspace::pinning::Pinning;
+
+/// Makes, changes and removes workspaces' host-side resources; everything is handed in.
+pub struct Provisioner {
+    store: Arc<Store>,
+    hv: Arc<Hypervisor>,
+    layout: Layout,
+    subnet: Subnet,
+    pinning: Arc<Pinning>,
+    tasks: Arc<Tasks>,
+}
+
+impl Provisioner {
+    pub fn new(
+        store: Arc<Store>,
+        hv: Arc<Hypervisor>,
+        layout: Layout,
+        subnet: Subnet,
+        pinning: Arc<Pinning>,
+        tasks: Arc<Tasks>,
+    ) -> Self {
+        Provisioner {
+            store,
+            hv,
+            layout,
+            subnet,
+            pinning,
+            tasks,
+        }
+    }
+
+    /// The domain of `ws` as its row describes it.
+    pub fn spec(&self, ws: &Workspace) -> Result<DomainSpec> {
         let image = match &ws.image {
             Some(id) => Some(self.store.get_image(&ImageId::parse(id)?)?),
             None => None,
@@ -41,8 +86,8 @@ impl Manager {
             cpus: ws.hardware.cpus,
             memory_mb: ws.hardware.memory_mb,
             boot,
-            root_disk: has_disks.then(|| self.layout.pool().join(root_volume_name(&ws.id))),
-            seed_disk: has_disks.then(|| self.layout.pool().join(seed_file_name(&ws.id))),
+            root_disk: has_disks.then(|| self.layout.pool().join(Layout::root_volume_name(&ws.id))),
+            seed_disk: has_disks.then(|| self.layout.pool().join(Layout::seed_file_name(&ws.id))),
             mac: ws.mac.clone(),
             filter: match (ws.ip, self.hv.domain_type()) {
                 (_, DomainType::Test) | (None, _) => None,
@@ -54,19 +99,30 @@ impl Manager {
             },
             network: crate::network::NETWORK_NAME.to_owned(),
             console_log: Some(self.layout.console_log(&ws.id)),
-            shared_cpus: self.shared_cpus()?,
+            shared_cpus: self.pinning.shared_cpus()?,
             dedicated_cpus: ws.dedicated_cpus.clone(),
             gpu: ws
                 .gpu_device
                 .as_ref()
-                .and_then(|d| self.placement.gpus().iter().find(|g| g.device == *d))
+                .and_then(|d| {
+                    self.pinning
+                        .placement()
+                        .gpus()
+                        .iter()
+                        .find(|g| g.device == *d)
+                })
                 .map(|g| (g.domain, g.bus, g.slot, g.function)),
         })
     }
 
+    /// Defines (or redefines) the domain of `ws` as the row describes it.
+    pub async fn define(&self, ws: &Workspace) -> Result<()> {
+        self.hv.define(&self.spec(ws)?).await
+    }
+
     /// Makes the host-side resources of a new workspace; if a step fails, removes what the
     /// others made and the row.
-    pub(crate) async fn provision_or_undo(&self, ws: &Workspace, p: &Provisioning) -> Result<()> {
+    pub async fn provision_or_undo(&self, ws: &Workspace, p: &Provisioning) -> Result<()> {
         let Err(e) = self.provision(ws, &p.image).await else {
             return Ok(());
         };
@@ -86,7 +142,11 @@ impl Manager {
     async fn provision(&self, ws: &Workspace, image: &Image) -> Result<()> {
         let base = self.layout.pool().join(image.id.volume_name());
         self.hv
-            .create_overlay(&root_volume_name(&ws.id), ws.hardware.volume_size_gb, &base)
+            .create_overlay(
+                &Layout::root_volume_name(&ws.id),
+                ws.hardware.volume_size_gb,
+                &base,
+            )
             .await?;
         crate::fault::point("create:volume");
         self.write_seed(ws).await?;
@@ -109,7 +169,7 @@ impl Manager {
             private: material.host_private_key,
             public: ws.ssh_host_public_key.clone(),
         };
-        let seed_path = self.layout.pool().join(seed_file_name(&ws.id));
+        let seed_path = self.layout.pool().join(Layout::seed_file_name(&ws.id));
         let seed = cloudinit::Seed {
             workspace: &ws.id,
             login_user: &ws.login_user,
@@ -125,8 +185,9 @@ impl Manager {
 
     /// Settles a row a daemon left marked (it died while making or removing its host
     /// resources): a `creating` workspace is undone (its create never answered), a
-    /// `deleting` one is deleted. Both remove whatever of its resources is left.
-    pub(crate) async fn settle_provisioning(&self, ws: &Workspace) -> Result<()> {
+    /// `deleting` one is deleted. Both remove whatever of its resources is left, and the
+    /// row.
+    pub async fn settle(&self, ws: &Workspace) -> Result<()> {
         let Some(mark) = ws.provisioning else {
             return Ok(());
         };
@@ -140,13 +201,18 @@ impl Manager {
                 tracing::warn!(workspace = %ws.id, "finished a delete that was cut short")
             }
         }
-        self.deleted(ws);
         Ok(())
     }
 
     /// Writes the seed of a complete workspace again if it is missing (its key is stored).
-    pub(crate) async fn ensure_seed(&self, ws: &Workspace) -> Result<()> {
-        if ws.image.is_none() || self.layout.pool().join(seed_file_name(&ws.id)).exists() {
+    pub async fn ensure_seed(&self, ws: &Workspace) -> Result<()> {
+        if ws.image.is_none()
+            || self
+                .layout
+                .pool()
+                .join(Layout::seed_file_name(&ws.id))
+                .exists()
+        {
             return Ok(());
         }
         if self
@@ -162,8 +228,8 @@ impl Manager {
         self.write_seed(ws).await
     }
 
-    /// Removes everything [`Manager::provision`] made; missing pieces are fine.
-    pub(crate) async fn deprovision(&self, ws: &Workspace) -> Result<()> {
+    /// Removes everything [`Provisioner::provision`] made; missing pieces are fine.
+    pub async fn deprovision(&self, ws: &Workspace) -> Result<()> {
         self.hv.undefine(&ws.id).await?;
         crate::fault::point("delete:domain");
         if let (Some(mac), Some(ip)) = (&ws.mac, ws.ip) {
@@ -177,13 +243,17 @@ impl Manager {
             self.hv.remove_dhcp_host(mac, ip, ws.id.as_str()).await?;
         }
         crate::fault::point("delete:reservation");
-        self.hv.delete_volume(&root_volume_name(&ws.id)).await?;
-        self.hv.delete_volume(&seed_file_name(&ws.id)).await?;
+        self.hv
+            .delete_volume(&Layout::root_volume_name(&ws.id))
+            .await?;
+        self.hv
+            .delete_volume(&Layout::seed_file_name(&ws.id))
+            .await?;
         crate::fault::point("delete:volumes");
         // The console log with virtlogd's rotated files, the task logs and their `.1`s.
         files::remove_log(&self.layout.console_log(&ws.id))?;
-        self.remove_task_logs_of(&ws.id)?;
-        for path in [self.layout.pool().join(seed_file_name(&ws.id))] {
+        self.tasks.remove_logs_of(&ws.id)?;
+        for path in [self.layout.pool().join(Layout::seed_file_name(&ws.id))] {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -197,17 +267,60 @@ impl Manager {
         }
         Ok(())
     }
+
+    /// Changes the hardware of `ws` to `wanted` (validated): the volume grows at once, the
+    /// rest at once while the VM is off and as pending hardware (for the next start)
+    /// otherwise. A volume never shrinks.
+    pub async fn change_hardware(&self, ws: &Workspace, wanted: Hardware) -> Result<Workspace> {
+        let ws = ws.clone();
+        if wanted.volume_size_gb < ws.hardware.volume_size_gb {
+            return Err(Error::invalid(format!(
+                "volume size can only grow: it is {} GiB, requested {} GiB",
+                ws.hardware.volume_size_gb, wanted.volume_size_gb
+            )));
+        }
+        if wanted.volume_size_gb > ws.hardware.volume_size_gb {
+            // The volume grows now, running or not; the guest's filesystem grows at its next
+            // boot (cloud-init's resizefs, or the test guest's resize2fs).
+            let running = !ws.state.vm_is_off();
+            self.hv
+                .grow_root(
+                    &ws.id,
+                    &Layout::root_volume_name(&ws.id),
+                    u64::from(wanted.volume_size_gb) << 30,
+                    running,
+                )
+                .await?;
+            tracing::info!(workspace = %ws.id, volume_size_gb = wanted.volume_size_gb, live = running, "root volume grown");
+        }
+        if ws.state.vm_is_off() {
+            let updated = self.store.set_hardware(&ws, &wanted, None)?;
+            if let Err(e) = self.hv.define(&self.spec(&updated)?).await {
+                // Undo, so the database keeps describing the defined domain.
+                let _ =
+                    self.store
+                        .set_hardware(&updated, &ws.hardware, ws.pending_hardware.as_ref());
+                return Err(e);
+            }
+            tracing::info!(workspace = %ws.id, hardware = %wanted, "hardware updated");
+            Ok(updated)
+        } else {
+            // The volume size took effect already; the rest waits for the next start.
+            let current = Hardware {
+                volume_size_gb: wanted.volume_size_gb,
+                ..ws.hardware.clone()
+            };
+            let pending = (wanted != current).then_some(&wanted);
+            let updated = self.store.set_hardware(&ws, &current, pending)?;
+            if pending.is_some() {
+                tracing::info!(workspace = %ws.id, pending = %wanted, "hardware change pending until next start");
+            }
+            Ok(updated)
+        }
+    }
 }
 
-/// What a new workspace's runner provisions (see [`Manager::provision_or_undo`]).
+/// What a new workspace's runner provisions (see [`Provisioner::provision_or_undo`]).
 pub struct Provisioning {
     pub image: Image,
-}
-
-pub fn root_volume_name(id: &WorkspaceId) -> String {
-    format!("{id}-root.qcow2")
-}
-
-pub fn seed_file_name(id: &WorkspaceId) -> String {
-    format!("{id}-seed.img")
 }

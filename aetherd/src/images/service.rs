@@ -1,19 +1,71 @@
-//! Image import, listing and deletion (the files live in the pool and boot dirs; see
-//! `crate::images` for the checks).
+//! [`Images`]: import, listing and deletion of images (the files live in the pool and boot
+//! dirs; see the rest of `crate::images` for the checks).
 //!
 //! An import holds its image id (name and owner) from the header on (a reservation row, see
 //! [`Store::reserve_image_import`]): a second import of it is refused at once, so no
 //! two imports ever write or clean up the same pool file. Each upload is staged in its own
 //! directory, and a failed import removes only what it made.
 
-use super::*;
+use std::sync::Arc;
 
-impl Manager {
+use crate::caller::Caller;
+use crate::error::{Error, Result};
+use crate::host::Layout;
+use crate::hypervisor::Hypervisor;
+use crate::images::{self, BootMode, Image, ImageId, ImageName};
+use crate::quota::{Claim, Quotas};
+use crate::store::Store;
+
+/// Images and their files; everything it needs is handed in.
+pub struct Images {
+    store: Arc<Store>,
+    hv: Arc<Hypervisor>,
+    layout: Layout,
+    /// The group files qemu must read are given to (see `privacy`), if any.
+    qemu_gid: Option<u32>,
+    max_volume_size_gb: u32,
+    quota: Quotas,
+}
+
+impl Images {
+    pub fn new(
+        store: Arc<Store>,
+        hv: Arc<Hypervisor>,
+        layout: Layout,
+        qemu_gid: Option<u32>,
+        max_volume_size_gb: u32,
+        quota: Quotas,
+    ) -> Self {
+        Images {
+            store,
+            hv,
+            layout,
+            qemu_gid,
+            max_volume_size_gb,
+            quota,
+        }
+    }
+
+    /// Refuses an image upload that has grown to `total` bytes past what `caller` may send:
+    /// a member's `quota.upload_gb`, and for anyone the largest volume plus 1 GiB (for a
+    /// kernel and initrd): no image can be larger and still be used.
+    pub fn check_upload(&self, caller: Caller, total: u64) -> Result<()> {
+        let largest = (u64::from(self.max_volume_size_gb) + 1) << 30;
+        if total > largest {
+            return Err(Error::invalid(format!(
+                "the upload is larger than the largest volume ({} GiB, max_volume_size_gb) can hold",
+                self.max_volume_size_gb
+            )));
+        }
+        self.quota
+            .check_for(caller, 0, Claim::UploadGb(total.div_ceil(1 << 30)))
+    }
+
     /// Starts an import after its header: validates the name and command line, reserves the
     /// name (refused at once while the image exists or another import or delete holds it) and
     /// creates the upload's own staging directory. Dropping the result releases both.
-    pub fn begin_image_import(
-        self: &Arc<Self>,
+    pub fn begin_import(
+        &self,
         caller: Caller,
         name: &str,
         boot_mode: Option<BootMode>,
@@ -40,18 +92,18 @@ impl Manager {
             cmdline,
             source_name,
             token,
-            manager: Arc::clone(self),
+            store: Arc::clone(&self.store),
         })
     }
 
     /// Finishes an upload: `upload.dir` holds `disk` and, for direct kernel boot, `kernel`
     /// and `initrd`. Checks and installs them; the upload dir and the reservation go in
     /// every case (when `upload` is dropped).
-    pub async fn import_image(&self, upload: ImageUpload) -> Result<Image> {
-        self.install_image(&upload).await
+    pub async fn import(&self, upload: ImageUpload) -> Result<Image> {
+        self.install(&upload).await
     }
 
-    async fn install_image(&self, up: &ImageUpload) -> Result<Image> {
+    async fn install(&self, up: &ImageUpload) -> Result<Image> {
         let name = &up.name;
         let kernel = up.dir.join("kernel");
         let initrd = up.dir.join("initrd");
@@ -85,7 +137,7 @@ impl Manager {
         if !disk.exists() {
             return Err(Error::invalid("no disk data was sent"));
         }
-        let max_virtual = images::max_virtual_size(self.config.max_volume_size_gb);
+        let max_virtual = images::max_virtual_size(self.max_volume_size_gb);
 
         // What was sent, checked as the format it claims (and shows).
         let format = images::identify(&disk, &up.source_name)?;
@@ -156,13 +208,13 @@ impl Manager {
         Ok(image)
     }
 
-    pub fn list_images(&self, caller: Caller) -> Result<Vec<Image>> {
+    pub fn list(&self, caller: Caller) -> Result<Vec<Image>> {
         self.store.list_images(caller.owner())
     }
 
     /// Deletes the image `reference` means to the caller (see [`Store::resolve_image`]):
     /// their own, or for an admin any; a member may not delete a shared image.
-    pub async fn delete_image(&self, caller: Caller, reference: &str) -> Result<()> {
+    pub async fn delete(&self, caller: Caller, reference: &str) -> Result<()> {
         let image = self.store.resolve_image(reference, caller.owner())?;
         let name = image.id;
         if !caller.admin && name.owner_uid() != caller.uid {
@@ -195,7 +247,7 @@ pub struct ImageUpload {
     cmdline: String,
     source_name: String,
     token: String,
-    manager: Arc<Manager>,
+    store: Arc<Store>,
 }
 
 impl std::fmt::Debug for ImageUpload {
@@ -210,7 +262,7 @@ impl std::fmt::Debug for ImageUpload {
 impl Drop for ImageUpload {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-        if let Err(e) = self.manager.store.release_image(&self.name, &self.token) {
+        if let Err(e) = self.store.release_image(&self.name, &self.token) {
             tracing::warn!(image = %self.name, error = %e, "cannot release the image reservation");
         }
     }

@@ -1,32 +1,12 @@
-//! Where the daemon keeps its files ([`Layout`]: pool, boot files, console logs, staging,
-//! keys), and the move of a checked disk into the pool ([`move_into_pool`]).
+//! Where the daemon keeps its files, all under the state dir: the pool (base images, root
+//! volumes, seeds), boot files, console logs, task logs, staging and keys; and their modes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::files::set_mode;
-
-use super::check::{CheckedDisk, FileId};
-use super::{refused, DiskFormat, ImageId};
-
-/// Moves the disk checked as `checked` from `src` (in the state dir's tmp) to `dest` in the
-/// pool, and makes sure what arrived is the file that was checked. On an error `dest` may
-/// exist; the caller removes it.
-pub fn move_into_pool(checked: &CheckedDisk, src: &Path, dest: &Path) -> Result<()> {
-    if checked.format != DiskFormat::Qcow2 {
-        return Err(Error::Internal(
-            "only a checked qcow2 goes into the pool".into(),
-        ));
-    }
-    std::fs::rename(src, dest)
-        .map_err(|e| Error::Internal(format!("cannot move image to {}: {e}", dest.display())))?;
-    let meta = std::fs::symlink_metadata(dest)
-        .map_err(|e| Error::Internal(format!("cannot read {}: {e}", dest.display())))?;
-    if !meta.is_file() || FileId::of(&meta) != checked.id {
-        return Err(refused("the file changed after it was checked"));
-    }
-    Ok(())
-}
+use crate::images::ImageId;
+use crate::model::WorkspaceId;
 
 /// Where the daemon keeps files, all under the state dir.
 #[derive(Clone, Debug)]
@@ -56,8 +36,23 @@ impl Layout {
         self.state_dir.join("console")
     }
 
-    pub fn console_log(&self, ws: &crate::model::WorkspaceId) -> PathBuf {
+    pub fn console_log(&self, ws: &WorkspaceId) -> PathBuf {
         self.console_dir().join(format!("{ws}.log"))
+    }
+
+    /// Task logs and the pinned host keys of the daemon's SSH sessions (0700).
+    pub fn tasks_dir(&self) -> PathBuf {
+        self.state_dir.join("tasks")
+    }
+
+    /// A workspace's root volume: a qcow2 overlay on its image, in the pool.
+    pub fn root_volume_name(ws: &WorkspaceId) -> String {
+        format!("{ws}-root.qcow2")
+    }
+
+    /// A workspace's cloud-init NoCloud seed, in the pool.
+    pub fn seed_file_name(ws: &WorkspaceId) -> String {
+        format!("{ws}-seed.img")
     }
 
     pub fn tmp(&self) -> PathBuf {
