@@ -2,7 +2,8 @@
 //! (`api::status`); everything below speaks this enum.
 
 use crate::hypervisor::error::HypervisorError;
-use crate::workspace::state::State;
+use crate::store::StoreError;
+use crate::workspace::state::Refused;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -19,9 +20,6 @@ pub enum Error {
     /// The request is not allowed in the object's current state.
     #[error("{0}")]
     FailedPrecondition(String),
-    /// The workspace changed state while the request was being handled.
-    #[error("workspace {id} changed state concurrently (now {now}); try again")]
-    Conflict { id: String, now: State },
     /// The host lacks the CPUs, memory or devices the request needs.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -31,8 +29,12 @@ pub enum Error {
     /// that timed out.
     #[error("{}{}", if .0.from_libvirt() { "libvirt: " } else { "" }, .0)]
     Hypervisor(#[from] HypervisorError),
-    #[error("state database: {0}")]
-    Store(#[from] rusqlite::Error),
+    /// The store layer failed, or a gated write lost to another change.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The workspace's state does not allow the request (see `workspace::state::step`).
+    #[error("{0}")]
+    Refused(#[from] Refused),
     #[error("{0}")]
     Internal(String),
 }
@@ -63,6 +65,12 @@ impl Error {
 impl From<aether_domain::InvalidInput> for Error {
     fn from(e: aether_domain::InvalidInput) -> Self {
         Self::InvalidArgument(e.into_message())
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Store(StoreError::from(e))
     }
 }
 

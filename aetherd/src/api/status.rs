@@ -4,6 +4,7 @@
 use tonic::Status;
 
 use crate::error::Error;
+use crate::store::StoreError;
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
@@ -22,13 +23,15 @@ pub fn status(e: Error) -> Status {
         Error::NotFound { .. } => Status::not_found(msg),
         Error::AlreadyExists(_) => Status::already_exists(msg),
         Error::FailedPrecondition(_) => Status::failed_precondition(msg),
-        Error::Conflict { .. } => Status::aborted(msg),
+        Error::Refused(_) => Status::failed_precondition(msg),
+        Error::Store(StoreError::Conflict { .. }) => Status::aborted(msg),
+        Error::Store(StoreError::Busy(_)) => Status::unavailable(msg),
         Error::PermissionDenied(_) => Status::permission_denied(msg),
         Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
         // libvirt refusing an operation for the domain's state is the caller's precondition;
         // anything else from libvirt is the hypervisor being unavailable.
         Error::Hypervisor(h) if h.is_wrong_state() => Status::failed_precondition(msg),
         Error::Hypervisor(_) => Status::unavailable(msg),
-        Error::Store(_) | Error::Internal(_) => Status::internal(msg),
+        Error::Store(StoreError::Sql(_)) | Error::Internal(_) => Status::internal(msg),
     }
 }

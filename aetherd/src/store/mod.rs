@@ -21,6 +21,7 @@ use rusqlite::Connection;
 
 use crate::error::Result;
 
+mod error;
 mod images;
 pub mod migrations;
 mod projects;
@@ -28,6 +29,7 @@ mod tasks;
 mod transitions;
 mod workspaces;
 
+pub use error::StoreError;
 pub use projects::Project;
 pub use tasks::TaskRow;
 pub use transitions::{Holdings, Place};

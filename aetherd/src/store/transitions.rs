@@ -6,8 +6,9 @@ use rusqlite::{params, TransactionBehavior};
 
 use super::workspaces::{all_workspaces, hardware_json, read_workspace, Provisioning, Workspace};
 use super::{now, Store};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{Hardware, WorkspaceId};
+use crate::store::StoreError;
 use crate::workspace::state::State;
 
 /// Picks the host resources for a VM about to start: its dedicated CPUs and GPU, given the
@@ -27,7 +28,7 @@ pub enum Holdings<'a> {
 impl Store {
     /// Runs a generation-gated UPDATE of `ws` and returns the row as it is afterwards, both
     /// under one lock; if the generation moved on, nothing changed and the result is
-    /// [`Error::Conflict`].
+    /// [`StoreError::Conflict`].
     fn gated_update(
         &self,
         ws: &Workspace,
@@ -38,10 +39,11 @@ impl Store {
         let changed = conn.execute(sql, params)?;
         let now = read_workspace(&conn, &ws.id, None)?;
         if changed == 0 {
-            return Err(Error::Conflict {
+            return Err(StoreError::Conflict {
                 id: ws.id.to_string(),
                 now: now.state,
-            });
+            }
+            .into());
         }
         Ok(now)
     }
@@ -52,7 +54,7 @@ impl Store {
     /// hardware). For [`Holdings::Take`], `place` is given the workspace and every other one
     /// as this transaction reads them, and picks the resources or refuses (then nothing is
     /// written), so two starts cannot both take the last free ones. Returns the workspace as
-    /// written, or [`Error::Conflict`] if another change won. The workspace's runner is the
+    /// written, or [`StoreError::Conflict`] if another change won. The workspace's runner is the
     /// only caller: no other code writes a state.
     pub fn write_transition(
         &self,
@@ -65,10 +67,11 @@ impl Store {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let current = read_workspace(&tx, &ws.id, None)?;
         if current.generation != ws.generation {
-            return Err(Error::Conflict {
+            return Err(StoreError::Conflict {
                 id: ws.id.to_string(),
                 now: current.state,
-            });
+            }
+            .into());
         }
         let (take, cpus, gpu) = match holdings {
             Holdings::Keep => (
@@ -159,6 +162,7 @@ mod tests {
     use crate::error::{Error, Result};
     use crate::model::Hardware;
     use crate::store::test_util::*;
+    use crate::store::StoreError;
     use crate::store::{Holdings, Workspace};
     use crate::workspace::state::State;
 
@@ -188,10 +192,10 @@ mod tests {
         assert!(
             matches!(
                 err,
-                Error::Conflict {
+                Error::Store(StoreError::Conflict {
                     now: State::Starting,
                     ..
-                }
+                })
             ),
             "{err:?}"
         );

@@ -7,6 +7,7 @@ use super::projects::Project;
 use super::{corrupt, now, Owner, Store};
 use crate::error::{Error, Result};
 use crate::model::{Hardware, ProjectId, ProjectName, WorkspaceId};
+use crate::store::StoreError;
 use crate::workspace::state::State;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -300,10 +301,11 @@ impl Store {
             .optional()?;
         let Some(ip) = deleted else {
             let now = read_workspace(&tx, &ws.id, None)?;
-            return Err(Error::Conflict {
+            return Err(StoreError::Conflict {
                 id: ws.id.to_string(),
                 now: now.state,
-            });
+            }
+            .into());
         };
         if let Some(ip) = ip {
             tx.execute(

@@ -26,7 +26,7 @@
 
 use std::fmt;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum State {
@@ -176,15 +176,11 @@ pub struct Refused {
     pub why: &'static str,
 }
 
+impl std::error::Error for Refused {}
+
 impl fmt::Display for Refused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "workspace is {}: {}", self.state, self.why)
-    }
-}
-
-impl From<Refused> for Error {
-    fn from(r: Refused) -> Self {
-        Error::FailedPrecondition(r.to_string())
     }
 }
 
@@ -335,13 +331,18 @@ mod tests {
                 (Ok(to), Some(want)) => assert_eq!(to, want, "{from:?} x {event:?}"),
                 (Err(e), None) => {
                     assert!(
-                        matches!(e, Error::FailedPrecondition(_)),
+                        matches!(e, crate::error::Error::Refused(_)),
                         "{from:?} x {event:?}: {e:?}"
                     );
-                    // A refusal names the current state.
+                    // A refusal names the current state, and the API answers it with
+                    // FAILED_PRECONDITION.
                     assert!(
                         e.to_string().starts_with(&format!("workspace is {from}:")),
                         "{e}"
+                    );
+                    assert_eq!(
+                        crate::api::status(e).code(),
+                        tonic::Code::FailedPrecondition
                     );
                 }
                 (got, want) => panic!("{from:?} x {event:?}: got {got:?}, want {want:?}"),
