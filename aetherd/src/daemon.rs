@@ -139,6 +139,7 @@ impl Daemon {
         ));
         let readiness = Readiness::new(
             Arc::clone(&hv),
+            layout.clone(),
             subnet,
             guest,
             Arc::clone(&feed),

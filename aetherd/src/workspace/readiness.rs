@@ -3,8 +3,11 @@
 //! finished. The network's DHCP leases tell a guest that never asked for its address, or
 //! got another one, from one that is still booting.
 //!
-//! Tries again with a growing pause (250 ms to 2 s), never a fixed loop; gives up when the
-//! boot timeout passes, when the VM stops, and (without error) when its job is cancelled.
+//! Driven by the guest: after each try it waits [`MIN_GAP`], then until the guest writes to
+//! its serial console (watched with inotify: a booting guest prints as it goes, and its
+//! login prompt follows sshd) or a growing pause passes (250 ms to 2 s, for a quiet guest).
+//! Gives up when the boot timeout passes, when the VM stops, and (without error) when its
+//! job is cancelled.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +24,7 @@ use crate::hypervisor::{DomainStatus, DomainType, Hypervisor};
 use crate::model::WorkspaceId;
 use crate::network::Subnet;
 use crate::store::Workspace;
-use crate::workspace::runner::sleep_or_cancel;
+use crate::workspace::runner::{cancelled, sleep_or_cancel};
 
 /// How a boot job ended, when it did not fail.
 pub enum BootOutcome {
@@ -30,8 +33,14 @@ pub enum BootOutcome {
     Cancelled,
 }
 
+/// The least time between two tries, however much the guest prints.
+const MIN_GAP: Duration = Duration::from_millis(250);
+/// The longest pause between two tries of a guest that prints nothing.
+const MAX_PAUSE: Duration = Duration::from_secs(2);
+
 pub struct Readiness {
     hv: Arc<Hypervisor>,
+    layout: Layout,
     subnet: Subnet,
     guest: GuestSsh,
     feed: Arc<Feed>,
@@ -41,6 +50,7 @@ pub struct Readiness {
 impl Readiness {
     pub fn new(
         hv: Arc<Hypervisor>,
+        layout: Layout,
         subnet: Subnet,
         guest: GuestSsh,
         feed: Arc<Feed>,
@@ -48,6 +58,7 @@ impl Readiness {
     ) -> Self {
         Readiness {
             hv,
+            layout,
             subnet,
             guest,
             feed,
@@ -97,10 +108,9 @@ impl Readiness {
         }
     }
 
-    /// Waits until the guest's SSH port sends its banner, trying again with a growing pause
-    /// (from 250 ms to 2 s). The test driver has no guest, so there the running domain is
-    /// ready. Gives up when the boot timeout passes, when the VM stops, and (without error)
-    /// when its runner cancels it.
+    /// Waits until the guest's SSH port sends its banner and the guest has settled, trying
+    /// again as the module doc says. The test driver has no guest, so there the running
+    /// domain is ready.
     pub async fn wait_ready(
         &self,
         ws: &Workspace,
@@ -121,7 +131,8 @@ impl Readiness {
         let mut waiting_for_cloud_init = false;
         let timeout = self.boot_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = Duration::from_millis(250);
+        let console = ConsoleWatch::new(&self.layout.console_log(&ws.id));
+        let mut pause = MIN_GAP;
         loop {
             if *cancel.borrow() {
                 return Ok(BootOutcome::Cancelled);
@@ -164,10 +175,22 @@ impl Readiness {
                     )
                 }));
             }
-            if sleep_or_cancel(pause, &mut cancel).await {
+            if sleep_or_cancel(MIN_GAP, &mut cancel).await {
                 return Ok(BootOutcome::Cancelled);
             }
-            pause = (pause * 2).min(Duration::from_secs(2));
+            let printed = async {
+                match &console {
+                    Some(c) => c.written().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(pause.saturating_sub(MIN_GAP)) => {
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
+                () = printed => pause = MIN_GAP,
+                () = cancelled(&mut cancel) => return Ok(BootOutcome::Cancelled),
+            }
         }
     }
 
@@ -214,6 +237,67 @@ pub fn console_hint(layout: &Layout, id: &WorkspaceId) -> String {
     format!("; console: {last} (aether workspace logs {id} --console)")
 }
 
+/// Wakes when something is written to a guest's console log (inotify `IN_MODIFY` on the
+/// file qemu or virtlogd appends to). Events only wake a waiter: their content is never
+/// read, and each read takes what is queued at once, so nothing builds up.
+struct ConsoleWatch {
+    fd: tokio::io::unix::AsyncFd<InotifyFd>,
+}
+
+struct InotifyFd(nix::sys::inotify::Inotify);
+
+impl std::os::fd::AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl ConsoleWatch {
+    /// A watch of `path`, or `None` (then readiness just uses its pauses) if it cannot be
+    /// watched, e.g. because the log does not exist.
+    fn new(path: &std::path::Path) -> Option<Self> {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let watch = || -> std::io::Result<Self> {
+            let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+            inotify.add_watch(path, AddWatchFlags::IN_MODIFY)?;
+            // SAFETY: the fd is owned by the `Inotify` that the `AsyncFd` owns, so it stays
+            // open exactly as long as it is registered.
+            let fd = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    InotifyFd(inotify),
+                    tokio::io::Interest::READABLE,
+                )
+            }?;
+            Ok(ConsoleWatch { fd })
+        };
+        match watch() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "cannot watch the console log");
+                None
+            }
+        }
+    }
+
+    /// Resolves once the log was written to since the last call (or since the watch began).
+    async fn written(&self) {
+        loop {
+            let Ok(mut ready) = self.fd.readable().await else {
+                return std::future::pending().await;
+            };
+            match ready.get_inner().0.read_events() {
+                Ok(events) if !events.is_empty() => return,
+                Ok(_) | Err(nix::errno::Errno::EAGAIN) => ready.clear_ready(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read console log events");
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+}
+
 /// Whether something at `addr` accepts a TCP connection and sends an SSH banner.
 async fn ssh_banner(addr: std::net::SocketAddr) -> bool {
     use tokio::io::AsyncReadExt;
@@ -227,4 +311,29 @@ async fn ssh_banner(addr: std::net::SocketAddr) -> bool {
         tokio::time::timeout(Duration::from_secs(5), attempt).await,
         Ok(Some(true))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConsoleWatch;
+    use std::io::Write;
+    use std::time::Duration;
+
+    /// The watch wakes on a write to the log, not before, and again on the next write.
+    #[tokio::test]
+    async fn a_console_watch_wakes_when_the_guest_prints() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ws-abc123.log");
+        let mut log = std::fs::File::create(&path).unwrap();
+        let watch = ConsoleWatch::new(&path).expect("an existing log can be watched");
+        let quiet = tokio::time::timeout(Duration::from_millis(200), watch.written()).await;
+        assert!(quiet.is_err(), "woke although nothing was written");
+        for line in ["[    0.000000] Linux version\n", "login: \n"] {
+            log.write_all(line.as_bytes()).unwrap();
+            tokio::time::timeout(Duration::from_secs(10), watch.written())
+                .await
+                .expect("a write wakes the watch");
+        }
+        assert!(ConsoleWatch::new(&dir.path().join("missing.log")).is_none());
+    }
 }
