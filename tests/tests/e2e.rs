@@ -361,18 +361,20 @@ fn idle_timeout_stops_an_unused_workspace_and_spares_one_with_an_open_ssh_sessio
     let env = testguest_env("");
     let unused = create_small(&env, &["--idle-timeout", "20s"]);
     let busy = create_small(&env, &["--idle-timeout", "20s"]);
-    env.ok(&["workspace", "start", &unused]);
+    // `busy` gets its session as soon as it runs, and `unused` starts after that, so on a
+    // slow host neither idles out before the test looks at it.
     env.ok(&["workspace", "start", &busy]);
-    // An interactive-like session on `busy` that lasts 35 s.
+    // An interactive-like session on `busy` that outlasts `unused`'s timeout and stop.
     let mut session = env
         .cli()
-        .args(["workspace", "ssh", &busy, "--", "sleep 35"])
+        .args(["workspace", "ssh", &busy, "--", "sleep 45"])
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let b = env.json(&["workspace", "get", &busy]);
     assert_eq!(b["active_connections"], 1, "{b}");
     assert_eq!(b["idle_since"], 0, "an open session is activity");
+    env.ok(&["workspace", "start", &unused]);
 
     let stops_at = env.json(&["workspace", "get", &unused])["stops_at"]
         .as_i64()
