@@ -131,7 +131,9 @@ fn pick_one(project: &str, list: &[pb::Workspace]) -> anyhow::Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use aether_proto::v1 as pb;
+
+    use super::{not_running, pick_one};
 
     fn ws(id: &str, state: pb::WorkspaceState) -> pb::Workspace {
         pb::Workspace {

@@ -181,7 +181,7 @@ async fn connection(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{parse_forward, Forward};
 
     #[test]
     fn pairs_of_ports() {

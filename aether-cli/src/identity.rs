@@ -97,8 +97,9 @@ fn read(private_key: PathBuf, public: &Path) -> anyhow::Result<Identity> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use aether_domain::validate_login;
+
+    use super::{login_for, login_user, FALLBACK_LOGIN};
 
     /// The CLI's own copy of the rule accepted `root`, which the daemon refuses: the login it
     /// sends is now always one the shared rule accepts.

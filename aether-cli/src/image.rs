@@ -204,7 +204,7 @@ pub async fn import(client: &mut Client, args: ImportArgs) -> anyhow::Result<pb:
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::source_name;
 
     #[test]
     fn source_names() {

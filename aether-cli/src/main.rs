@@ -807,8 +807,9 @@ fn finish(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use clap::CommandFactory;
+
+    use super::Cli;
 
     fn arg_help(path: &[&str], arg: &str) -> String {
         let mut cmd = Cli::command();

@@ -440,7 +440,10 @@ pub fn host_json(h: &pb::HostInfo) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use aether_domain::STATE_NAMES;
+    use aether_proto::v1 as pb;
+
+    use super::{date, datetime, duration, state_from_name, state_name, table, STATES};
 
     #[test]
     fn dates() {

@@ -464,7 +464,14 @@ pub async fn proxy(c: &mut Client, id: String, port: u16) -> anyhow::Result<()> 
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::path::Path;
+
+    use aether_domain::WorkspaceId;
+    use aether_proto::v1 as pb;
+
+    use super::{
+        check_workspace_id, proxy_command, ssh_refusal, write_known_hosts, HostEntry, SshInvocation,
+    };
 
     fn workspace(state: pb::WorkspaceState) -> pb::Workspace {
         pb::Workspace {

@@ -185,7 +185,7 @@ pub fn check_argv(argv: &[String]) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::parse_env;
 
     #[test]
     fn env_pairs() {

@@ -239,8 +239,15 @@ pub fn write_seed(path: &Path, seed: &Seed<'_>) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
+    use std::path::Path;
+    use std::process::Command;
+
+    use super::{
+        generate_ed25519, meta_data, normalize_public_key, user_data, write_seed, KeyPair, Seed,
+        SEED_BYTES,
+    };
+    use crate::model::WorkspaceId;
 
     const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7kq2l6Lr6l0m8QkzRkq2m4o0rJmS9b2y3vYw1u4x5z alice@laptop";
 

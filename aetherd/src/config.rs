@@ -132,7 +132,7 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{Accel, Config};
 
     #[test]
     fn missing_default_file_gives_defaults_but_explicit_one_fails() {

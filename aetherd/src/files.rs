@@ -187,7 +187,10 @@ pub fn remove_log(path: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        cap_log, cap_logs_in, copy_tail_to_front, fresh_dir, remove_log, rotated, tail,
+        MAX_LOG_READ,
+    };
 
     #[test]
     fn tail_and_fresh_dirs() {

@@ -197,7 +197,8 @@ pub fn parse_duration_secs(s: &str) -> Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{parse_duration_secs, Hardware, HardwareLimits, HardwareRequest, WorkspaceId};
+    use crate::error::Error;
 
     #[test]
     fn durations() {

@@ -322,7 +322,14 @@ pub fn subnet_of_network_xml(xml: &str) -> Option<Subnet> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::{HashMap, HashSet};
+    use std::net::Ipv4Addr;
+
+    use super::{
+        dhcp_host_xml, dhcp_ranges_of_network_xml, network_xml, random_mac, release_packet,
+        subnet_of_network_xml, valid_mac, Subnet,
+    };
+    use crate::error::Error;
 
     #[test]
     fn subnet_parse_and_allocate() {

@@ -112,7 +112,8 @@ impl Quotas {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{Claim, Quotas};
+    use crate::error::Error;
 
     #[test]
     fn caps_refuse_past_the_limit_naming_key_and_usage() {

@@ -188,10 +188,17 @@ impl Drop for ConnectionGuard {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::io;
+    use std::time::Duration;
 
-    use tokio::net::TcpListener;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::mpsc;
     use tokio_stream::wrappers::ReceiverStream;
+
+    use super::{connect, port, spawn, Connections, CHUNK};
+    use crate::error::Error;
+    use crate::model::WorkspaceId;
 
     fn ws() -> WorkspaceId {
         WorkspaceId::parse("ws-abc123").unwrap()

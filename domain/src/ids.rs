@@ -142,7 +142,8 @@ display_as_str!(ProjectId, WorkspaceId, ProjectName);
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{ProjectId, ProjectName, ProjectRef, WorkspaceId};
+    use crate::Result;
 
     #[cfg(feature = "generate")]
     #[test]

@@ -23,7 +23,7 @@ pub fn validate_login(name: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::validate_login;
 
     #[test]
     fn login_names() {

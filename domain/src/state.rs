@@ -28,7 +28,7 @@ pub fn parse_state_name(s: &str) -> Result<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{parse_state_name, STATE_NAMES};
 
     #[test]
     fn state_names() {

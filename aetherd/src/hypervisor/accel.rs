@@ -131,7 +131,10 @@ pub fn auto_choose(qemu: &Path, scratch: &Path) -> (bool, String) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::{probe, probe_boot_sector, PROBE_EXIT};
 
     #[test]
     fn boot_sector_layout() {

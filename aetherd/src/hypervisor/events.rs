@@ -154,7 +154,11 @@ pub fn subscribe(conn: &Connect, tx: UnboundedSender<DomainEvent>) -> Result<()>
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::ffi::c_int;
+
+    use virt::sys;
+
+    use super::{classify, DomainEvent};
 
     #[test]
     fn only_stops_are_classified() {

@@ -271,7 +271,9 @@ pub fn parse_device(device: &str, xml: &str) -> Option<Gpu> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::path::Path;
+
+    use super::{bound_driver, host_use, kind, offer, parse_device, valid_allow_entry};
 
     pub const T4: &str = r#"<device>
   <name>pci_0000_01_00_0</name>

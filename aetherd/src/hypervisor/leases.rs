@@ -102,7 +102,9 @@ pub fn check(leases: &[Lease], mac: &str, ip: Ipv4Addr) -> LeaseCheck {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::net::Ipv4Addr;
+
+    use super::{check, Lease, LeaseCheck};
 
     #[test]
     fn check_tells_reserved_missing_and_elsewhere() {

@@ -134,7 +134,11 @@ pub fn ephemeral_ports() -> (u16, u16) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::net::Ipv4Addr;
+
+    use super::{
+        host_addresses, local_addresses, name_of, with_uuid, GuestFilter, FILTERS, GUEST_FILTER,
+    };
 
     /// The variables a rule line names, as written (`$HOST_IP[@1]` is `HOST_IP[@1]`).
     fn variables(rule: &str) -> Vec<&str> {

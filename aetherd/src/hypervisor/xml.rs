@@ -368,7 +368,13 @@ pub fn metadata_workspace_id(metadata: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::path::Path;
+
+    use super::{
+        domain_xml, metadata_workspace_id, overlay_volume_xml, pool_xml, Boot, DomainSpec,
+        DomainType,
+    };
+    use crate::model::{ProjectId, WorkspaceId};
 
     fn spec() -> DomainSpec {
         DomainSpec {

@@ -253,11 +253,11 @@ pub async fn check_disk(path: &Path, format: DiskFormat, max_virtual: u64) -> Re
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
 
-    use super::*;
+    use super::{check_disk, decide_format, identify, is_protocol, sniff};
     use crate::files::set_mode;
-    use crate::images::{convert_raw, move_into_pool};
+    use crate::images::{convert_raw, move_into_pool, DiskFormat};
 
     const MAX: u64 = 64 << 30;
 

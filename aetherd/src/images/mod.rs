@@ -224,7 +224,7 @@ fn shown_bytes(b: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{ImageId, ImageName};
 
     #[test]
     fn names() {

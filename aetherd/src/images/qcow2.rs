@@ -159,7 +159,9 @@ pub fn check_qcow2_header(head: &[u8], file_len: u64, max_virtual: u64) -> Resul
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        check_qcow2_header, QCOW2_EXT_DATA_FILE, QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_DATA_FILE,
+    };
 
     const MAX: u64 = 64 << 30;
 

@@ -263,7 +263,12 @@ pub async fn convert_raw(src: &Path, dest: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::ffi::OsStr;
+    use std::time::Duration;
+
+    use super::{judge_check, judge_info, run_limited, Limits, QemuImgInfo};
+    use crate::error::Error;
+    use crate::images::DiskFormat;
 
     const MAX: u64 = 64 << 30;
 

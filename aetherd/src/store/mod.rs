@@ -84,7 +84,7 @@ impl Store {
 
 #[cfg(test)]
 pub(super) mod test_util {
-    use super::*;
+    use super::{NewWorkspace, Project, SeedMaterial, Store, Workspace};
     use crate::model::{Hardware, ProjectName, WorkspaceId};
 
     pub fn store() -> (tempfile::TempDir, Store) {

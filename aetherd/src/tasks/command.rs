@@ -133,7 +133,9 @@ pub fn ssh_args(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::path::Path;
+
+    use super::{remote_command, sh_quote, ssh_args, valid_task_id, ExecSpec};
 
     #[test]
     fn quoting_keeps_every_word() {

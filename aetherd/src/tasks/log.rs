@@ -149,7 +149,7 @@ pub(crate) fn take_frames(buf: &mut Vec<u8>) -> (Vec<Frame>, bool) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{take_frames, write_frame, Frame};
 
     #[test]
     fn frames_round_trip() {

@@ -284,8 +284,10 @@ impl TaskLogReader {
 
 #[cfg(test)]
 mod tests {
-    use super::super::log::{TaskLog, MAX_FRAME, TASK_LOG_MAX};
-    use super::*;
+    use std::sync::Arc;
+
+    use super::super::log::{Frame, SharedLog, TaskLog, LOG_CHUNK, MAX_FRAME, TASK_LOG_MAX};
+    use super::{ReaderState, Source, Step, TaskLogReader};
 
     /// The output in `frames`, `O:`/`E:` prefixed, and whether an end was seen.
     fn text(frames: &[Frame]) -> String {
