@@ -37,6 +37,9 @@ pub fn host_xml(cpus: u32, mib: u64) -> String {
         )
 }
 
+/// The options of a small workspace: 1 CPU, 256 MiB, a 2 GiB volume.
+pub const SMALL_WORKSPACE: [&str; 6] = ["--cpus", "1", "--memory", "256", "--volume-size", "2"];
+
 /// The median of some timings (benchmarks).
 pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -270,6 +273,19 @@ impl TestEnv {
         assert_eq!(status.signal(), Some(9), "at {point}: {status}");
     }
 
+    /// Runs `args` on a daemon armed to die at `point`, which it must reach; then restarts it.
+    pub fn crash_at(&mut self, point: &str, args: &[&str]) {
+        self.stop_daemon();
+        self.start_daemon_with_fault(point);
+        let r = self.run(args);
+        assert_ne!(
+            r.code, 0,
+            "{point}: {args:?} answered although the daemon died: {r:?}"
+        );
+        self.wait_killed(point);
+        self.start_daemon();
+    }
+
     fn start_daemon_with(&mut self, env: &[(&str, &str)]) {
         assert!(self.daemon.is_none(), "daemon already running");
         let log = std::fs::OpenOptions::new()
@@ -390,9 +406,32 @@ impl TestEnv {
     /// Creates project `project` and a workspace in it with the defaults; returns its id.
     pub fn workspace_in_new_project(&self, project: &str) -> String {
         self.ok(&["project", "create", project]);
-        self.ok(&["workspace", "create", "--project", project])
-            .trim()
-            .to_owned()
+        self.create_workspace(project, &[])
+    }
+
+    /// Creates a workspace in `project` with the options `args`, asserting success; returns
+    /// its id.
+    pub fn create_workspace(&self, project: &str, args: &[&str]) -> String {
+        let mut all = vec!["workspace", "create", "--project", project];
+        all.extend_from_slice(args);
+        self.ok(&all).trim().to_owned()
+    }
+
+    /// Creates a small workspace ([`SMALL_WORKSPACE`]) in `project`, with the further options
+    /// `extra`; returns its id.
+    pub fn create_small_workspace(&self, project: &str, extra: &[&str]) -> String {
+        self.create_workspace(project, &[&SMALL_WORKSPACE[..], extra].concat())
+    }
+
+    /// The ids of what `aether -o json KIND list` lists (KIND: `workspace`, `image`), in its
+    /// order.
+    pub fn listed_ids(&self, kind: &str) -> Vec<String> {
+        self.json(&[kind, "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect()
     }
 
     /// Runs the CLI with `-o json`, asserts success, parses stdout.

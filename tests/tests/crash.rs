@@ -14,15 +14,6 @@ fn files(env: &TestEnv, dir: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn workspaces(env: &TestEnv) -> Vec<String> {
-    let list = env.json(&["workspace", "list"]);
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 /// The lines of a seed image that carry SSH keys (public, and the private host key's).
 fn keys_in(seed: &[u8]) -> Vec<String> {
     String::from_utf8_lossy(seed)
@@ -30,18 +21,6 @@ fn keys_in(seed: &[u8]) -> Vec<String> {
         .filter(|l| l.contains("ssh-ed25519") || l.contains("PRIVATE KEY") || l.len() == 70)
         .map(str::to_owned)
         .collect()
-}
-
-fn crash_at(env: &mut TestEnv, point: &str, args: &[&str]) {
-    env.stop_daemon();
-    env.start_daemon_with_fault(point);
-    let r = env.run(args);
-    assert_ne!(
-        r.code, 0,
-        "{point}: answered although the daemon died: {r:?}"
-    );
-    env.wait_killed(point);
-    env.start_daemon();
 }
 
 #[test]
@@ -56,8 +35,8 @@ fn a_create_or_delete_cut_short_is_undone_or_finished_by_the_restart() {
         "create:reservation",
         "create:domain",
     ] {
-        crash_at(&mut env, point, &create);
-        assert_eq!(workspaces(&env), Vec::<String>::new(), "{point}");
+        env.crash_at(point, &create);
+        assert_eq!(env.listed_ids("workspace"), Vec::<String>::new(), "{point}");
         assert_eq!(files(&env, "pool"), pool_before, "{point}: pool files");
         assert!(files(&env, "tmp").is_empty(), "{point}: staging files");
         assert!(
@@ -66,16 +45,20 @@ fn a_create_or_delete_cut_short_is_undone_or_finished_by_the_restart() {
             "{point}"
         );
     }
-    crash_at(&mut env, "create:done", &create);
-    let ws = workspaces(&env);
+    env.crash_at("create:done", &create);
+    let ws = env.listed_ids("workspace");
     assert_eq!(ws.len(), 1, "create:done");
     let ws = ws[0].clone();
     assert!(files(&env, "pool").contains(&format!("{ws}-seed.img")));
     env.ok(&["workspace", "start", &ws]);
     env.ok(&["workspace", "stop", &ws, "--force"]);
 
-    crash_at(&mut env, "delete:marked", &["workspace", "delete", &ws]);
-    assert_eq!(workspaces(&env), Vec::<String>::new(), "delete:marked");
+    env.crash_at("delete:marked", &["workspace", "delete", &ws]);
+    assert_eq!(
+        env.listed_ids("workspace"),
+        Vec::<String>::new(),
+        "delete:marked"
+    );
     assert_eq!(
         files(&env, "pool"),
         pool_before,

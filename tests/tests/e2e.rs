@@ -10,19 +10,6 @@ use std::time::Duration;
 use aether_tests::e2e::{image_dir, import, testguest_env};
 use aether_tests::TestEnv;
 
-fn create(env: &TestEnv, args: &[&str]) -> String {
-    let mut all = vec!["workspace", "create", "--project", "e2e"];
-    all.extend_from_slice(args);
-    env.ok(&all).trim().to_owned()
-}
-
-/// A small workspace of project e2e (1 CPU, 256 MiB, 2 GiB), with `extra` options.
-fn create_small(env: &TestEnv, extra: &[&str]) -> String {
-    let mut args = vec!["--cpus", "1", "--memory", "256", "--volume-size", "2"];
-    args.extend_from_slice(extra);
-    create(env, &args)
-}
-
 fn ssh(env: &TestEnv, ws: &str, cmd: &str) -> String {
     env.ok(&["workspace", "ssh", ws, "--", cmd])
 }
@@ -31,8 +18,8 @@ fn ssh(env: &TestEnv, ws: &str, cmd: &str) -> String {
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn testguest_lifecycle_ssh_persistence_and_cleanup() {
     let env = testguest_env("");
-    let ws = create(
-        &env,
+    let ws = env.create_workspace(
+        "e2e",
         &["--cpus", "1", "--memory", "512", "--volume-size", "2"],
     );
     let domain = format!("aether-{ws}");
@@ -91,8 +78,8 @@ fn a_guest_that_never_answers_ssh_ends_in_error_with_a_reason() {
     // An empty disk with BIOS boot: SeaBIOS finds nothing to boot, so SSH never answers.
     let blank = env.make_disk("blank.qcow2", "qcow2", "1G");
     env.ok(&["image", "import", "blank", blank.to_str().unwrap()]);
-    let ws = create(
-        &env,
+    let ws = env.create_workspace(
+        "e2e",
         &[
             "--image",
             "blank",
@@ -137,8 +124,8 @@ fn a_guest_that_never_answers_ssh_ends_in_error_with_a_reason() {
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn a_guest_that_powers_itself_off_ends_stopped() {
     let env = testguest_env("");
-    let ws = create(
-        &env,
+    let ws = env.create_workspace(
+        "e2e",
         &["--cpus", "1", "--memory", "512", "--volume-size", "2"],
     );
     env.ok(&["workspace", "start", &ws]);
@@ -196,8 +183,8 @@ fn debian_12_with_cloud_init_accepts_ssh_with_the_pinned_host_key() {
     let env = TestEnv::start_real("boot_timeout_secs = 400\n");
     import(&env, "debian-12", &dir);
     env.ok(&["project", "create", "e2e"]);
-    let ws = create(
-        &env,
+    let ws = env.create_workspace(
+        "e2e",
         &[
             "--image",
             "debian-12",
@@ -258,8 +245,8 @@ fn debian_12_with_cloud_init_accepts_ssh_with_the_pinned_host_key() {
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn a_qemu_that_dies_ends_in_error() {
     let env = testguest_env("");
-    let ws = create(
-        &env,
+    let ws = env.create_workspace(
+        "e2e",
         &["--cpus", "1", "--memory", "512", "--volume-size", "2"],
     );
     env.ok(&["workspace", "start", &ws]);
@@ -331,8 +318,8 @@ fn uefi_disk_boot_with_ovmf() {
         "uefi",
     ]);
     assert_eq!(env.json(&["image", "list"])[1]["boot_mode"], "uefi");
-    let ws = create(
-        &env,
+    let ws = env.create_workspace(
+        "e2e",
         &[
             "--image",
             "uefi-guest",
@@ -359,8 +346,8 @@ fn uefi_disk_boot_with_ovmf() {
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn idle_timeout_stops_an_unused_workspace_and_spares_one_with_an_open_ssh_session() {
     let env = testguest_env("");
-    let unused = create_small(&env, &["--idle-timeout", "20s"]);
-    let busy = create_small(&env, &["--idle-timeout", "20s"]);
+    let unused = env.create_small_workspace("e2e", &["--idle-timeout", "20s"]);
+    let busy = env.create_small_workspace("e2e", &["--idle-timeout", "20s"]);
     // `busy` gets its session as soon as it runs, and `unused` starts after that, so on a
     // slow host neither idles out before the test looks at it.
     env.ok(&["workspace", "start", &busy]);
@@ -414,7 +401,7 @@ fn idle_timeout_stops_an_unused_workspace_and_spares_one_with_an_open_ssh_sessio
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn the_idle_clock_survives_a_daemon_restart_and_running_tasks_are_lost() {
     let mut env = testguest_env("");
-    let ws = create_small(&env, &["--idle-timeout", "1h"]);
+    let ws = env.create_small_workspace("e2e", &["--idle-timeout", "1h"]);
     env.ok(&["workspace", "start", &ws]);
     let before = env.json(&["workspace", "get", &ws]);
     let since = before["idle_since"].as_i64().unwrap();
@@ -457,7 +444,7 @@ fn the_idle_clock_survives_a_daemon_restart_and_running_tasks_are_lost() {
 fn watch_shows_the_phases_of_a_real_start_and_stop() {
     use std::io::{BufRead, BufReader};
     let env = testguest_env("");
-    let ws = create_small(&env, &[]);
+    let ws = env.create_small_workspace("e2e", &[]);
     let mut child = env
         .cli()
         .args(["-o", "json", "workspace", "watch", &ws])
@@ -513,7 +500,7 @@ fn watch_shows_the_phases_of_a_real_start_and_stop() {
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn exec_streams_output_and_returns_the_exit_code() {
     let env = testguest_env("");
-    let ws = create_small(&env, &[]);
+    let ws = env.create_small_workspace("e2e", &[]);
     env.ok(&["workspace", "start", &ws]);
     let r = env.run(&[
         "workspace",
@@ -571,7 +558,7 @@ fn exec_streams_output_and_returns_the_exit_code() {
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn detached_tasks_follow_cancel_keep_a_workspace_busy_and_are_lost_on_stop() {
     let env = testguest_env("");
-    let ws = create_small(&env, &["--idle-timeout", "10s"]);
+    let ws = env.create_small_workspace("e2e", &["--idle-timeout", "10s"]);
     env.ok(&["workspace", "start", &ws]);
 
     // A detached task keeps the workspace from idling past its 10 s timeout.
@@ -705,8 +692,8 @@ fn a_members_running_tasks_are_capped_by_quota_tasks_but_roots_are_not() {
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn the_guest_sees_its_cpus_memory_and_a_grown_volume() {
     let env = testguest_env("");
-    let ws = create(
-        &env,
+    let ws = env.create_workspace(
+        "e2e",
         &["--cpus", "2", "--memory", "512", "--volume-size", "2"],
     );
     env.ok(&["workspace", "start", &ws]);
@@ -763,7 +750,7 @@ fn a_performance_workspace_runs_on_its_dedicated_cpu() {
     let env = testguest_env("");
     // A shared workspace that is already running floats over both CPUs until one of them is
     // dedicated, and again once it is released.
-    let shared = create_small(&env, &[]);
+    let shared = env.create_small_workspace("e2e", &[]);
     env.ok(&["workspace", "start", &shared]);
     let shared_domain = format!("aether-{shared}");
     let affinity = |what: &str| {
@@ -789,7 +776,7 @@ fn a_performance_workspace_runs_on_its_dedicated_cpu() {
     wait_for_affinity("0-1");
 
     // This host has 2 CPUs; CPU 0 stays for the host, so CPU 1 is the one to dedicate.
-    let ws = create_small(&env, &["--cpu-kind", "performance"]);
+    let ws = env.create_small_workspace("e2e", &["--cpu-kind", "performance"]);
     env.ok(&["workspace", "start", &ws]);
     assert_eq!(
         env.json(&["workspace", "get", &ws])["dedicated_cpus"],
@@ -808,7 +795,7 @@ fn a_performance_workspace_runs_on_its_dedicated_cpu() {
     );
     assert_eq!(ssh(&env, &ws, "cat /etc/hostname").trim(), ws);
     wait_for_affinity("0");
-    let other = create_small(&env, &["--cpu-kind", "performance"]);
+    let other = env.create_small_workspace("e2e", &["--cpu-kind", "performance"]);
     let err = env.fail(&["workspace", "start", &other]);
     assert!(
         err.contains("needs 1 dedicated CPUs")
@@ -825,7 +812,7 @@ fn a_performance_workspace_runs_on_its_dedicated_cpu() {
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn kill_9_during_a_start_and_a_stop_recovers() {
     let mut env = testguest_env("");
-    let ws = create_small(&env, &[]);
+    let ws = env.create_small_workspace("e2e", &[]);
     // Killed while the guest boots (its VM is on, the daemon waits for SSH or cloud-init):
     // the new daemon finds the VM running and waits for it again.
     env.ok(&["workspace", "start", "--no-wait", &ws]);

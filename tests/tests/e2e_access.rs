@@ -20,22 +20,12 @@ use aether_tests::TestEnv;
 /// under TCG is 300 s).
 const BOOT: Duration = Duration::from_secs(360);
 
-/// A small workspace of project e2e (stopped).
+/// A small workspace of project e2e (stopped), with 512 MiB.
 fn create(env: &TestEnv) -> String {
-    env.ok(&[
-        "workspace",
-        "create",
-        "--project",
+    env.create_workspace(
         "e2e",
-        "--cpus",
-        "1",
-        "--memory",
-        "512",
-        "--volume-size",
-        "2",
-    ])
-    .trim()
-    .to_owned()
+        &["--cpus", "1", "--memory", "512", "--volume-size", "2"],
+    )
 }
 
 fn ssh(env: &TestEnv, ws: &str, cmd: &str) -> String {

@@ -8,32 +8,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use aether_tests::e2e::{image_dir, testguest_env};
-use aether_tests::TestEnv;
-
-const SMALL: [&str; 6] = ["--cpus", "1", "--memory", "256", "--volume-size", "2"];
-
-fn create(env: &TestEnv) -> String {
-    let mut args = vec!["workspace", "create", "--project", "e2e"];
-    args.extend_from_slice(&SMALL);
-    env.ok(&args).trim().to_owned()
-}
-
-fn workspaces(env: &TestEnv) -> BTreeSet<String> {
-    let list = env.json(&["workspace", "list"]);
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["id"].as_str().unwrap().to_owned())
-        .collect()
-}
+use aether_tests::{TestEnv, SMALL_WORKSPACE};
 
 fn images(env: &TestEnv) -> BTreeSet<String> {
-    let list = env.json(&["image", "list"]);
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["id"].as_str().unwrap().to_owned())
-        .collect()
+    env.listed_ids("image").into_iter().collect()
 }
 
 /// Lines of `virsh ARGS` output, trimmed, without empty ones.
@@ -50,7 +28,7 @@ fn virsh_lines(env: &TestEnv, args: &[&str]) -> Vec<String> {
 /// a root volume, a seed and a DHCP reservation per workspace, a volume per image, and no
 /// staging file. Returns the workspaces.
 fn assert_consistent(env: &TestEnv, when: &str) -> BTreeSet<String> {
-    let ws = workspaces(env);
+    let ws: BTreeSet<String> = env.listed_ids("workspace").into_iter().collect();
     let domains: BTreeSet<String> = virsh_lines(env, &["list", "--all", "--name"])
         .into_iter()
         .filter_map(|d| d.strip_prefix("aether-").map(str::to_owned))
@@ -89,19 +67,6 @@ fn assert_consistent(env: &TestEnv, when: &str) -> BTreeSet<String> {
     ws
 }
 
-/// Runs `args` on a daemon armed to die at `point`, which it must reach; then restarts it.
-fn crash_at(env: &mut TestEnv, point: &str, args: &[&str]) {
-    env.stop_daemon();
-    env.start_daemon_with_fault(point);
-    let r = env.run(args);
-    assert_ne!(
-        r.code, 0,
-        "{point}: {args:?} answered although the daemon died: {r:?}"
-    );
-    env.wait_killed(point);
-    env.start_daemon();
-}
-
 /// A workspace that survived a crash: complete, so it starts and reaches `running`.
 fn assert_startable(env: &TestEnv, ws: &str, when: &str) {
     let r = env.run(&["workspace", "start", ws]);
@@ -118,28 +83,21 @@ fn a_kill_after_any_provisioning_step_leaves_nothing_or_a_startable_workspace() 
 
     // Create: cut short, the workspace is undone; after its last step, it is complete.
     let create_args = [
-        "workspace",
-        "create",
-        "--project",
-        "e2e",
-        "--cpus",
-        "1",
-        "--memory",
-        "256",
-        "--volume-size",
-        "2",
-    ];
+        &["workspace", "create", "--project", "e2e"][..],
+        &SMALL_WORKSPACE,
+    ]
+    .concat();
     for point in [
         "create:volume",
         "create:seed",
         "create:reservation",
         "create:domain",
     ] {
-        crash_at(&mut env, point, &create_args);
+        env.crash_at(point, &create_args);
         let left = assert_consistent(&env, point);
         assert!(left.is_empty(), "{point}: {left:?}");
     }
-    crash_at(&mut env, "create:done", &create_args);
+    env.crash_at("create:done", &create_args);
     let left = assert_consistent(&env, "create:done");
     assert_eq!(left.len(), 1, "create:done: {left:?}");
     let done = left.into_iter().next().unwrap();
@@ -147,7 +105,7 @@ fn a_kill_after_any_provisioning_step_leaves_nothing_or_a_startable_workspace() 
     // Start: whatever step the daemon died after, the workspace ends running or in error,
     // and starts.
     for point in ["start:transition", "start:defined", "start:started"] {
-        crash_at(&mut env, point, &["workspace", "start", &done]);
+        env.crash_at(point, &["workspace", "start", &done]);
         assert_consistent(&env, point);
         env.wait_for_state_in(&done, &["running", "error"], Duration::from_secs(120));
         if env.state_of(&done) == "running" {
@@ -163,8 +121,8 @@ fn a_kill_after_any_provisioning_step_leaves_nothing_or_a_startable_workspace() 
         "delete:reservation",
         "delete:volumes",
     ] {
-        let ws = create(&env);
-        crash_at(&mut env, point, &["workspace", "delete", &ws]);
+        let ws = env.create_small_workspace("e2e", &[]);
+        env.crash_at(point, &["workspace", "delete", &ws]);
         let left = assert_consistent(&env, point);
         assert!(!left.contains(&ws), "{point}: {ws} is still there");
     }
@@ -175,11 +133,11 @@ fn a_kill_after_any_provisioning_step_leaves_nothing_or_a_startable_workspace() 
     let disk = guest.join("disk.qcow2");
     let import = ["image", "import", "crashed", disk.to_str().unwrap()];
     for point in ["import:checked", "import:moved"] {
-        crash_at(&mut env, point, &import);
+        env.crash_at(point, &import);
         assert_consistent(&env, point);
         assert!(!images(&env).contains("crashed"), "{point}");
     }
-    crash_at(&mut env, "import:done", &import);
+    env.crash_at("import:done", &import);
     assert_consistent(&env, "import:done");
     assert!(images(&env).contains("crashed"));
     env.ok(&["image", "delete", "crashed"]);
@@ -196,7 +154,7 @@ fn a_kill_during_twenty_parallel_creates_leaves_only_complete_workspaces() {
                 std::thread::spawn(move || {
                     let mut cli = cli;
                     cli.args(["workspace", "create", "--project", "e2e"])
-                        .args(SMALL)
+                        .args(SMALL_WORKSPACE)
                         .output()
                         .unwrap()
                 })

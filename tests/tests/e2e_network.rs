@@ -6,24 +6,6 @@ use std::time::Duration;
 use aether_tests::e2e::testguest_env;
 use aether_tests::TestEnv;
 
-/// A 1 CPU / 256 MiB / 2 GiB workspace of project e2e.
-fn create_small(env: &TestEnv) -> String {
-    env.ok(&[
-        "workspace",
-        "create",
-        "--project",
-        "e2e",
-        "--cpus",
-        "1",
-        "--memory",
-        "256",
-        "--volume-size",
-        "2",
-    ])
-    .trim()
-    .to_owned()
-}
-
 fn reserved_ip(env: &TestEnv, ws: &str) -> String {
     env.json(&["workspace", "get", ws])["ip_addresses"][0]
         .as_str()
@@ -68,7 +50,7 @@ fn twenty_workspaces_in_turn_then_twelve_at_once_each_get_their_reserved_address
     let began = std::time::Instant::now();
     for round in 0..20 {
         eprintln!("round {round} at {:?}", began.elapsed());
-        let ws = create_small(&env);
+        let ws = env.create_small_workspace("e2e", &[]);
         let ip = reserved_ip(&env, &ws);
         let start = env.run(&["workspace", "start", &ws]);
         assert_eq!(
@@ -90,7 +72,9 @@ fn twenty_workspaces_in_turn_then_twelve_at_once_each_get_their_reserved_address
     }
 
     eprintln!("12 at once from {:?}", began.elapsed());
-    let all: Vec<String> = (0..12).map(|_| create_small(&env)).collect();
+    let all: Vec<String> = (0..12)
+        .map(|_| env.create_small_workspace("e2e", &[]))
+        .collect();
     for ws in &all {
         env.ok(&["workspace", "start", ws, "--no-wait"]);
     }
@@ -154,8 +138,8 @@ fn connected(listener: &std::net::TcpListener) -> bool {
 #[ignore = "end-to-end: run by scripts/e2e.sh"]
 fn a_guest_cannot_reach_another_guest_take_its_address_or_reach_host_services() {
     let env = testguest_env("idle_timeout = \"0\"\n");
-    let a = create_small(&env);
-    let b = create_small(&env);
+    let a = env.create_small_workspace("e2e", &[]);
+    let b = env.create_small_workspace("e2e", &[]);
     for ws in [&a, &b] {
         env.ok(&["workspace", "start", ws]);
     }

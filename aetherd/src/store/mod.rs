@@ -84,7 +84,8 @@ impl Store {
 
 #[cfg(test)]
 pub(super) mod test_util {
-    use super::{NewWorkspace, Project, SeedMaterial, Store, Workspace};
+    use super::{Holdings, NewWorkspace, Project, SeedMaterial, Store, Workspace};
+    use crate::error::Result;
     use crate::model::{Hardware, ProjectName, WorkspaceId};
 
     pub fn store() -> (tempfile::TempDir, Store) {
@@ -117,5 +118,13 @@ pub(super) mod test_util {
             idle_timeout_secs: None,
         })
         .unwrap()
+    }
+
+    /// [`Holdings::Take`] with a placement that takes no dedicated CPUs and no GPU.
+    pub fn take_nothing() -> Holdings<'static> {
+        fn nothing(_: &Workspace, _: &[Workspace]) -> Result<(Vec<u32>, Option<String>)> {
+            Ok((Vec::new(), None))
+        }
+        Holdings::Take(&nothing)
     }
 }

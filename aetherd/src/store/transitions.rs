@@ -172,22 +172,12 @@ mod tests {
         let p = project(&s, "app");
         let ws = new_ws(&s, &p, 1000, "u1");
         let a = s
-            .write_transition(
-                &ws,
-                State::Starting,
-                "",
-                Holdings::Take(&|_, _| Ok((Vec::new(), None))),
-            )
+            .write_transition(&ws, State::Starting, "", take_nothing())
             .unwrap();
         assert_eq!(a.generation, 1);
         // `ws` is stale now: a second decision based on it must lose.
         let err = s
-            .write_transition(
-                &ws,
-                State::Starting,
-                "",
-                Holdings::Take(&|_, _| Ok((Vec::new(), None))),
-            )
+            .write_transition(&ws, State::Starting, "", take_nothing())
             .unwrap_err();
         assert!(
             matches!(
@@ -220,12 +210,7 @@ mod tests {
             .unwrap();
         assert_eq!(ws.pending_hardware.as_ref(), Some(&bigger));
         let ws = s
-            .write_transition(
-                &ws,
-                State::Starting,
-                "",
-                Holdings::Take(&|_, _| Ok((Vec::new(), None))),
-            )
+            .write_transition(&ws, State::Starting, "", take_nothing())
             .unwrap();
         assert_eq!(ws.hardware, bigger);
         assert_eq!(ws.pending_hardware, None);

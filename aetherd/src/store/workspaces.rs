@@ -388,7 +388,7 @@ fn released_ips(conn: &Connection) -> Result<std::collections::HashMap<std::net:
 mod tests {
     use crate::model::ProjectRef;
     use crate::store::test_util::*;
-    use crate::store::{Holdings, Project, WorkspaceFilter};
+    use crate::store::{Project, WorkspaceFilter};
     use crate::workspace::state::State;
 
     #[test]
@@ -412,13 +412,8 @@ mod tests {
         let b = project(&s, "b");
         let w1 = new_ws(&s, &a, 1, "u1");
         new_ws(&s, &b, 1, "u2");
-        s.write_transition(
-            &w1,
-            State::Starting,
-            "",
-            Holdings::Take(&|_, _| Ok((Vec::new(), None))),
-        )
-        .unwrap();
+        s.write_transition(&w1, State::Starting, "", take_nothing())
+            .unwrap();
         let f = |state, project: Option<&Project>| WorkspaceFilter {
             state,
             project: project.map(|p| p.id.clone()),
