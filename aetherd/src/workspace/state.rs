@@ -254,7 +254,7 @@ pub fn transition(from: State, event: Event) -> Result<State> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{step, transition, Effect, Event, Hold, State, ALL_EVENTS, ALL_STATES};
     use Event as E;
     use State as S;
 
