@@ -294,6 +294,34 @@ pub fn dhcp_ranges_of_network_xml(xml: &str) -> Vec<String> {
     }
 }
 
+/// The DHCP reservations of a network's XML: (mac, ip, name) of each `<host>` that has all
+/// three and a valid MAC and address.
+pub fn dhcp_hosts_of_network_xml(xml: &str) -> Vec<(String, Ipv4Addr, String)> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut hosts = Vec::new();
+    loop {
+        match reader.read_event() {
+            Ok(Event::Start(e) | Event::Empty(e)) if e.local_name().into_inner() == "host" => {
+                let attr = |name: &str| -> Option<String> {
+                    let v = e.try_get_attribute(name).ok().flatten()?;
+                    let v = v
+                        .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                        .ok()?;
+                    Some(v.into_owned())
+                };
+                if let (Some(mac), Some(ip), Some(name)) = (attr("mac"), attr("ip"), attr("name")) {
+                    if let (true, Ok(ip)) = (valid_mac(&mac), ip.parse()) {
+                        hosts.push((mac, ip, name));
+                    }
+                }
+            }
+            Ok(Event::Eof) | Err(_) => return hosts,
+            Ok(_) => {}
+        }
+    }
+}
+
 /// The subnet of an existing network's XML (its first `<ip address=…>`).
 pub fn subnet_of_network_xml(xml: &str) -> Option<Subnet> {
     use quick_xml::events::Event;
@@ -326,8 +354,8 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::{
-        dhcp_host_xml, dhcp_ranges_of_network_xml, network_xml, random_mac, release_packet,
-        subnet_of_network_xml, valid_mac, Subnet,
+        dhcp_host_xml, dhcp_hosts_of_network_xml, dhcp_ranges_of_network_xml, network_xml,
+        random_mac, release_packet, subnet_of_network_xml, valid_mac, Subnet,
     };
     use crate::error::Error;
 
@@ -438,6 +466,37 @@ mod tests {
         assert_eq!(
             dhcp_host_xml("52:54:00:aa:00:01", s.host(10), "ws-abc123"),
             r#"<host mac="52:54:00:aa:00:01" ip="10.150.0.10" name="ws-abc123"><lease expiry="10" unit="minutes"/></host>"#
+        );
+    }
+
+    /// The reservations as libvirt lists them (single quotes, hosts among other elements);
+    /// a host without a name or with a malformed MAC or address is left out.
+    #[test]
+    fn reservations_are_read_back_from_the_network() {
+        let s = Subnet::parse("10.150.0.0/24").unwrap();
+        let xml = format!(
+            "<network><name>aether</name><ip address='10.150.0.1' netmask='255.255.255.0'><dhcp>\
+             {}<host mac='52:54:00:aa:00:02' ip='10.150.0.11' name='ws-def456'/>\
+             <host mac='52:54:00:aa:00:03' ip='10.150.0.12'/>\
+             <host mac='nonsense' ip='10.150.0.13' name='ws-ghi789'/>\
+             <host mac='52:54:00:aa:00:04' ip='10.150.0.300' name='ws-jkl012'/>\
+             </dhcp></ip></network>",
+            dhcp_host_xml("52:54:00:aa:00:01", s.host(10), "ws-abc123")
+        );
+        assert_eq!(
+            dhcp_hosts_of_network_xml(&xml),
+            [
+                (
+                    "52:54:00:aa:00:01".to_owned(),
+                    s.host(10),
+                    "ws-abc123".to_owned()
+                ),
+                (
+                    "52:54:00:aa:00:02".to_owned(),
+                    s.host(11),
+                    "ws-def456".to_owned()
+                ),
+            ]
         );
     }
 

@@ -59,6 +59,18 @@ impl Hypervisor {
         .await
     }
 
+    /// The network's DHCP reservations: (mac, ip, name); none without the network.
+    pub async fn dhcp_hosts(&self) -> Result<Vec<(String, Ipv4Addr, String)>> {
+        self.call("virNetworkGetXMLDesc", |c| {
+            match c.lookup_network_by_name(network::NETWORK_NAME) {
+                Ok(net) => Ok(network::dhcp_hosts_of_network_xml(&net.xml_desc(0)?)),
+                Err(e) if e.code().is(ErrorNumber::NoNetwork) => Ok(Vec::new()),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
     /// Adds the static DHCP reservation `mac` -> `ip` (idempotent).
     pub async fn add_dhcp_host(&self, mac: &str, ip: Ipv4Addr, name: &str) -> Result<()> {
         self.update_dhcp_host(true, mac, ip, name).await

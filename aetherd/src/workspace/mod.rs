@@ -490,7 +490,7 @@ impl Workspaces {
         for ws in all {
             self.ask(&ws.id, Input::Reconcile).await?;
         }
-        reconcile::sweep_orphans(&self.d.store, &self.d.hv, &self.d.layout).await
+        reconcile::sweep_orphans(&self.d.store, &self.d.hv, &self.d.layout, self.d.subnet).await
     }
 
     /// Starts the background tasks: libvirt lifecycle events to runners, idle

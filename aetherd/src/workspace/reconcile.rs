@@ -1,5 +1,5 @@
 //! Reconcile at daemon start, the part no runner owns: host resources that no row accounts
-//! for. (Each workspace's own row is brought in line with libvirt by its runner.)
+//! for (domains, DHCP reservations, pool files, boot dirs). (Each workspace's own row is brought in line with libvirt by its runner.)
 //!
 //! Every row's files and domain are made after the row is written (marked `creating`) and
 //! removed before it goes (marked `deleting`), so anything aether-owned without a row was
@@ -14,11 +14,18 @@ use crate::host::Layout;
 use crate::hypervisor::Hypervisor;
 use crate::images::ImageId;
 use crate::model::WorkspaceId;
+use crate::network::Subnet;
 use crate::store::{Store, WorkspaceFilter};
 
-/// Removes what no row owns: inactive aether domains, pool files (a workspace's volume or
-/// seed, an image) and boot dirs (an image's kernel and initrd).
-pub async fn sweep_orphans(store: &Store, hv: &Hypervisor, layout: &Layout) -> Result<()> {
+/// Removes what no row owns: inactive aether domains, DHCP reservations (with their
+/// leases), pool files (a workspace's volume or seed, an image) and boot dirs (an image's
+/// kernel and initrd).
+pub async fn sweep_orphans(
+    store: &Store,
+    hv: &Hypervisor,
+    layout: &Layout,
+    subnet: Subnet,
+) -> Result<()> {
     let mut workspaces: HashSet<WorkspaceId> = store
         .list_workspaces(&WorkspaceFilter::default(), None)?
         .into_iter()
@@ -40,6 +47,19 @@ pub async fn sweep_orphans(store: &Store, hv: &Hypervisor, layout: &Layout) -> R
             tracing::warn!(workspace = %id, "removing a domain no workspace owns");
             hv.undefine(&id).await?;
         }
+    }
+    for (mac, ip, name) in hv.dhcp_hosts().await? {
+        let Ok(id) = WorkspaceId::parse(&name) else {
+            continue;
+        };
+        if workspaces.contains(&id) {
+            continue;
+        }
+        tracing::warn!(workspace = %id, %ip, "removing a DHCP reservation no workspace owns");
+        if let Err(e) = hv.release_lease(subnet.gateway(), ip, &mac).await {
+            tracing::warn!(workspace = %id, %ip, error = %e, "cannot release the DHCP lease");
+        }
+        hv.remove_dhcp_host(&mac, ip, &name).await?;
     }
     let owner_of = |name: &str| -> Option<WorkspaceId> {
         let id = name
