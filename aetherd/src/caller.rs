@@ -12,6 +12,12 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Whether the caller may see what `owner_uid` owns (the rule [`Caller::owner`] gives
+    /// the store, for a row already read).
+    pub fn sees(&self, owner_uid: u32) -> bool {
+        self.admin || owner_uid == self.uid
+    }
+
     /// The rows the caller may see: all of them (`None`) for an admin, else its own.
     pub(crate) fn owner(&self) -> Owner {
         if self.admin {

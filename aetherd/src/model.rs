@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-pub use aether_domain::{ProjectId, ProjectName, ProjectRef, WorkspaceId};
+pub use aether_domain::{ProjectId, ProjectName, ProjectRef, TaskId, WorkspaceId};
 
 /// Lowest and highest vCPU count a workspace may have.
 pub const CPUS_RANGE: std::ops::RangeInclusive<u32> = 1..=8;

@@ -13,6 +13,10 @@ pub struct ProjectId(String);
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct WorkspaceId(String);
 
+/// A task id: `task-` followed by 8 lowercase alphanumerics.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TaskId(String);
+
 /// A project name: `^[a-z0-9][a-z0-9-]{0,62}$`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ProjectName(String);
@@ -87,6 +91,35 @@ impl WorkspaceId {
     }
 }
 
+impl TaskId {
+    #[cfg(feature = "generate")]
+    pub fn generate() -> Self {
+        Self(format!(
+            "task-{}",
+            random_chars(b"abcdefghijklmnopqrstuvwxyz0123456789", 8)
+        ))
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        let ok = s.len() == 13
+            && s.starts_with("task-")
+            && s[5..]
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(InvalidInput::new(format!(
+                "invalid task id {s:?}: expected task- followed by 8 lowercase letters or digits"
+            )))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 impl ProjectName {
     pub fn parse(s: &str) -> Result<Self> {
         let bytes = s.as_bytes();
@@ -138,11 +171,11 @@ macro_rules! display_as_str {
         }
     )*};
 }
-display_as_str!(ProjectId, WorkspaceId, ProjectName);
+display_as_str!(ProjectId, WorkspaceId, TaskId, ProjectName);
 
 #[cfg(test)]
 mod tests {
-    use super::{ProjectId, ProjectName, ProjectRef, WorkspaceId};
+    use super::{ProjectId, ProjectName, ProjectRef, TaskId, WorkspaceId};
     use crate::Result;
 
     #[cfg(feature = "generate")]
@@ -153,6 +186,8 @@ mod tests {
             assert_eq!(WorkspaceId::parse(w.as_str()).unwrap(), w);
             let p = ProjectId::generate();
             assert_eq!(ProjectId::parse(p.as_str()).unwrap(), p);
+            let t = TaskId::generate();
+            assert_eq!(TaskId::parse(t.as_str()).unwrap(), t);
         }
     }
 
@@ -176,6 +211,21 @@ mod tests {
         assert_eq!(ProjectId::parse("a1b2c3d4").unwrap().as_str(), "a1b2c3d4");
         for bad in ["", "A1B2C3D4", "a1b2c3d", "a1b2c3d4e", "g1b2c3d4"] {
             assert!(ProjectId::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            TaskId::parse("task-ab12cd34").unwrap().as_str(),
+            "task-ab12cd34"
+        );
+        for bad in [
+            "",
+            "task-",
+            "task-AB12CD34",
+            "task-ab12cd3",
+            "task-ab12cd345",
+            "ws-ab12cd34x",
+            "task-ab/2cd34",
+        ] {
+            assert!(TaskId::parse(bad).is_err(), "{bad}");
         }
     }
 

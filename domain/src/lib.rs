@@ -1,17 +1,17 @@
 //! Definitions that aetherd and the `aether` CLI share, so both accept and refuse the same
-//! input with the same words: ids and names ([`WorkspaceId`], [`ProjectId`], [`ProjectName`],
-//! [`ProjectRef`]), the login-user rule ([`validate_login`]) and the workspace state names
+//! input with the same words: ids and names ([`WorkspaceId`], [`ProjectId`], [`TaskId`],
+//! [`ProjectName`], [`ProjectRef`]), the login-user rule ([`validate_login`]) and the workspace state names
 //! ([`STATE_NAMES`]).
 //!
 //! Nothing here does I/O. The one exception is opt-in: the `generate` feature (the daemon's)
-//! adds `ProjectId::generate` and `WorkspaceId::generate`, which read the kernel's random
+//! adds `ProjectId::generate`, `WorkspaceId::generate` and `TaskId::generate`, which read the kernel's random
 //! source.
 
 mod ids;
 mod login;
 mod state;
 
-pub use ids::{ProjectId, ProjectName, ProjectRef, WorkspaceId};
+pub use ids::{ProjectId, ProjectName, ProjectRef, TaskId, WorkspaceId};
 pub use login::validate_login;
 pub use state::{parse_state_name, STATE_NAMES};
 

@@ -182,7 +182,7 @@ pub(super) fn watch_stream(
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
             let ws = change.workspace;
-            let visible = (caller.admin || ws.owner_uid == caller.uid)
+            let visible = caller.sees(ws.owner_uid)
                 && only.as_ref().is_none_or(|id| *id == ws.id)
                 && project_id.as_ref().is_none_or(|p| *p == ws.project_id);
             if !visible {

@@ -1,6 +1,6 @@
 //! What a task runs: the remote command line (each word shell-quoted, validated), the
 //! daemon's `ssh` arguments (no ssh config, agent or forwarding; the workspace's pinned host
-//! key), and task ids.
+//! key).
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -59,32 +59,6 @@ pub fn remote_command(spec: &ExecSpec) -> Result<String> {
     Ok(cmd)
 }
 
-pub fn new_task_id() -> String {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).expect("the kernel's random source is available");
-    let abc = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let s: String = b
-        .iter()
-        .map(|x| abc[*x as usize % abc.len()] as char)
-        .collect();
-    format!("task-{s}")
-}
-
-pub fn valid_task_id(id: &str) -> Result<()> {
-    let ok = id.len() == 13
-        && id.starts_with("task-")
-        && id[5..]
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "invalid task id {id:?}: expected task- followed by 8 lowercase letters or digits"
-        )))
-    }
-}
-
 /// The arguments of the daemon's `ssh` to a workspace. Nothing of the host's or root's ssh
 /// setup applies: no config file (`-F /dev/null`, neither `/etc/ssh/ssh_config` nor
 /// `~/.ssh/config`), no agent (`IdentityAgent=none`), only the daemon's key
@@ -135,7 +109,7 @@ pub fn ssh_args(
 mod tests {
     use std::path::Path;
 
-    use super::{remote_command, sh_quote, ssh_args, valid_task_id, ExecSpec};
+    use super::{remote_command, sh_quote, ssh_args, ExecSpec};
 
     #[test]
     fn quoting_keeps_every_word() {
@@ -166,10 +140,6 @@ mod tests {
                 remote_command(&spec(vec!["true"], vec![(bad, "v")])).is_err(),
                 "{bad}"
             );
-        }
-        assert!(valid_task_id("task-abc12345").is_ok());
-        for bad in ["task-ABC12345", "task-abc1234", "ws-abc123", "../x"] {
-            assert!(valid_task_id(bad).is_err(), "{bad}");
         }
     }
 

@@ -30,10 +30,10 @@ use crate::files;
 use crate::host::guest_ssh::GuestSsh;
 use crate::host::Layout;
 use crate::idle::Nudge;
-use crate::model::WorkspaceId;
+use crate::model::{TaskId, WorkspaceId};
 use crate::quota::{Claim, Quotas};
 use crate::store::{Store, TaskRow, Workspace};
-use command::{new_task_id, remote_command, valid_task_id};
+use command::remote_command;
 use log::{SharedLog, TaskLog, MAX_FRAME, TASK_LOG_MAX};
 use reader::Source;
 
@@ -137,7 +137,7 @@ impl Tasks {
             .check_for(caller, running as u64, Claim::Tasks(1))?;
         // Also creates the tasks dir.
         let mut ssh = self.guest.command(ws, ip, remote)?;
-        let id = new_task_id();
+        let id = TaskId::generate().to_string();
         let log = TaskLog::create(&self.task_log(&id), TASK_LOG_MAX)
             .map_err(|e| Error::Internal(format!("cannot create the task log: {e}")))?;
         let mut child = ssh
@@ -219,7 +219,7 @@ impl Tasks {
     }
 
     pub fn get(&self, caller: Caller, id: &str) -> Result<TaskRow> {
-        valid_task_id(id)?;
+        TaskId::parse(id)?;
         self.store.get_task(id, caller.owner())
     }
 
