@@ -4,7 +4,7 @@
 #   sudo scripts/install.sh
 #
 # Installs the packages (libvirt, qemu), builds and installs aetherd and aether into
-# /usr/local/bin, creates group `aether` (and adds the invoking user to it), writes a default
+# /usr/local/bin (with shell completions and man pages under /usr/local/share), creates group `aether` (and adds the invoking user to it), writes a default
 # /etc/aether/aetherd.toml, starts libvirtd and aetherd (as systemd services where systemd
 # runs, as background processes otherwise), then builds a guest image from its recipe in
 # images/ and imports it as the default image:
@@ -36,6 +36,13 @@ ensure_packages "${PACKAGES[@]}"
 log "building aetherd and aether (release)"
 cargo build --release --locked -p aetherd -p aether-cli
 install -m 0755 target/release/aetherd target/release/aether /usr/local/bin/
+# Shell completions and man pages, generated from the CLI's own definitions.
+install -d /usr/local/share/bash-completion/completions /usr/local/share/zsh/site-functions \
+  /usr/local/share/fish/vendor_completions.d
+/usr/local/bin/aether completions bash >/usr/local/share/bash-completion/completions/aether
+/usr/local/bin/aether completions zsh >/usr/local/share/zsh/site-functions/_aether
+/usr/local/bin/aether completions fish >/usr/local/share/fish/vendor_completions.d/aether.fish
+/usr/local/bin/aether man --dir /usr/local/share/man/man1
 
 log "group aether"
 getent group aether >/dev/null || groupadd --system aether

@@ -5,6 +5,7 @@
 
 mod autostart;
 mod client;
+mod docs;
 mod forward;
 mod identity;
 mod image;
@@ -19,7 +20,7 @@ use std::process::ExitCode;
 
 use aether_proto::v1 as pb;
 use anyhow::{anyhow, bail, Context};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use client::Client;
 
 #[derive(Parser, Debug)]
@@ -77,6 +78,18 @@ enum Command {
     SshConfig {
         /// Workspaces [default: all of yours].
         ids: Vec<String>,
+    },
+    /// Print a shell completion script, e.g.
+    /// `aether completions bash > /usr/share/bash-completion/completions/aether`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages into DIR: aether.1 and one per subcommand (aether-workspace-create.1,
+    /// …), from the same definitions as --help.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
     },
 }
 
@@ -355,6 +368,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let format = cli.output;
     // `project current` needs no daemon when nothing is set.
     match cli.command {
+        Command::Completions { shell } => {
+            docs::completions(&mut Cli::command(), shell)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            let n = docs::man_pages(Cli::command(), &dir)?;
+            eprintln!("wrote {n} man pages to {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Project(cmd) => project(&cli.socket, format, cmd).await,
         Command::Workspace(cmd) => {
             let mut c = client::connect(&cli.socket).await?;
