@@ -42,6 +42,15 @@ fn login_for(name: String) -> String {
     }
 }
 
+/// The private key `find_or_create` would use, if there is one already.
+pub fn existing(config_dir: &Path) -> Option<PathBuf> {
+    let home = directories::BaseDirs::new().map(|d| d.home_dir().join(".ssh"));
+    home.into_iter()
+        .flat_map(|ssh| [ssh.join("id_ed25519"), ssh.join("id_rsa")])
+        .chain([config_dir.join("ssh").join("id_ed25519")])
+        .find(|k| k.exists() && k.with_extension("pub").exists())
+}
+
 pub fn find_or_create(config_dir: &Path) -> anyhow::Result<Identity> {
     if let Some(home) = directories::BaseDirs::new().map(|d| d.home_dir().to_owned()) {
         for name in ["id_ed25519", "id_rsa"] {

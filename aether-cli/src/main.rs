@@ -6,6 +6,7 @@
 mod autostart;
 mod client;
 mod docs;
+mod doctor;
 mod forward;
 mod identity;
 mod image;
@@ -79,6 +80,11 @@ enum Command {
         /// Workspaces [default: all of yours].
         ids: Vec<String>,
     },
+    /// Check what creating and reaching a workspace needs, one line each with a fix: the
+    /// daemon and your access to it, libvirt, KVM, qemu's probe time, the pool's free space,
+    /// the network, the default image, the SSH client and key. Exits 1 when something
+    /// blocks.
+    Doctor,
     /// Print a shell completion script, e.g.
     /// `aether completions bash > /usr/share/bash-completion/completions/aether`.
     Completions {
@@ -368,6 +374,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let format = cli.output;
     // `project current` needs no daemon when nothing is set.
     match cli.command {
+        Command::Doctor => doctor::run(&cli.socket, &config_dir()?, format == Format::Json).await,
         Command::Completions { shell } => {
             docs::completions(&mut Cli::command(), shell)?;
             Ok(ExitCode::SUCCESS)

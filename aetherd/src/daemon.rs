@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::doctor;
 use crate::error::{Error, Result};
 use crate::feed::Feed;
 use crate::host::guest_ssh::GuestSsh;
@@ -54,6 +55,8 @@ pub struct Daemon {
     hv: Arc<Hypervisor>,
     placement: Arc<Placement>,
     max_volume_size_gb: u32,
+    pool: std::path::PathBuf,
+    default_image: String,
     /// Until [`Daemon::start_background`] hands them to the idle task.
     nudges: Mutex<Option<Nudges>>,
 }
@@ -154,6 +157,7 @@ impl Daemon {
             readiness,
             Duration::from_secs(config.stop_timeout_secs),
         ));
+        let pool = layout.pool();
         let workspaces = Workspaces::new(Deps {
             store: Arc::clone(&store),
             hv: Arc::clone(&hv),
@@ -184,6 +188,8 @@ impl Daemon {
             hv,
             placement,
             max_volume_size_gb: config.max_volume_size_gb,
+            pool,
+            default_image: config.default_image.clone(),
             nudges: Mutex::new(Some(nudges)),
         })
     }
@@ -203,6 +209,11 @@ impl Daemon {
             .take()
             .ok_or_else(|| Error::Internal("the background tasks run already".into()))?;
         self.workspaces.start_background(nudges)
+    }
+
+    /// What creating and reaching a workspace needs of this host (see [`doctor`]).
+    pub async fn check_host(&self) -> Vec<doctor::Check> {
+        doctor::run(&self.hv, &self.store, &self.pool, &self.default_image).await
     }
 
     pub async fn host_info(&self) -> Result<HostInfo> {

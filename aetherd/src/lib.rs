@@ -11,6 +11,7 @@ pub mod caller;
 pub mod cloudinit;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod error;
 pub mod fault;
 pub mod feed;

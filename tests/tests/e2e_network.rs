@@ -89,6 +89,30 @@ fn twenty_workspaces_in_turn_then_twelve_at_once_each_get_their_reserved_address
     // to other users, and the guests boot all the same.
     let loose = aether_tests::open_to_others(&env.state_dir);
     assert!(loose.is_empty(), "open to others: {loose:?}");
+    // `aether doctor` on a real host with 12 guests up: nothing blocks, libvirt answers its
+    // capability lookup from its cache, and the network counts the guests' leases.
+    let doctor = env.run(&["-o", "json", "doctor"]);
+    assert_eq!(doctor.code, 0, "{doctor:?}");
+    let checks: serde_json::Value = serde_json::from_str(&doctor.stdout).unwrap();
+    let check = |name: &str| {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} check: {checks}"))
+            .clone()
+    };
+    assert_eq!(check("qemu-probe")["severity"], "ok", "{checks}");
+    let network = check("network");
+    assert_eq!(network["severity"], "ok", "{checks}");
+    assert!(
+        network["detail"]
+            .as_str()
+            .unwrap()
+            .contains("(12 DHCP leases)"),
+        "{checks}"
+    );
     for ws in &all {
         env.ok(&["workspace", "delete", ws, "--force"]);
     }

@@ -4,6 +4,7 @@
 use aether_proto::v1 as pb;
 use tonic::Status;
 
+use crate::doctor::{Check, Severity};
 use crate::error::Error;
 use crate::images::{BootMode, Image};
 use crate::model::Hardware;
@@ -137,5 +138,20 @@ pub(super) fn image_to_pb(i: &Image) -> pb::Image {
         in_use: i.in_use,
         created_at: i.created_at,
         disk_size_bytes: i.disk_size,
+    }
+}
+
+pub(super) fn check_to_pb(c: Check) -> pb::HostCheck {
+    use pb::host_check::Severity as S;
+    let severity = match c.severity {
+        Severity::Ok => S::Ok,
+        Severity::Warn => S::Warn,
+        Severity::Fail => S::Fail,
+    };
+    pb::HostCheck {
+        name: c.name.to_owned(),
+        severity: severity as i32,
+        detail: c.detail,
+        hint: c.hint,
     }
 }

@@ -17,7 +17,7 @@ use crate::tunnel;
 use crate::workspace::CreateWorkspace;
 
 use super::auth;
-use super::convert::{image_to_pb, project_to_pb, state_from_pb, task_to_pb};
+use super::convert::{check_to_pb, image_to_pb, project_to_pb, state_from_pb, task_to_pb};
 use super::streams::{follow_frames, snapshot_project, task_log_stream, watch_stream, ByteStream};
 use super::upload::{receive_image_header, receive_image_parts};
 use super::Service;
@@ -51,6 +51,14 @@ impl Aether for Service {
                 })
                 .collect(),
             shared_cpus: h.shared_cpus,
+        }))
+    }
+
+    async fn check_host(&self, req: Request<pb::CheckHostRequest>) -> Reply<pb::CheckHostResponse> {
+        auth::caller(&req)?;
+        let checks = self.daemon.check_host().await;
+        Ok(Response::new(pb::CheckHostResponse {
+            checks: checks.into_iter().map(check_to_pb).collect(),
         }))
     }
 

@@ -60,6 +60,8 @@ pub struct Hypervisor {
     uri: String,
     timeout: Duration,
     domain_type: DomainType,
+    /// Why the accelerator is what it is ("configured", or the probe's finding).
+    accel_reason: String,
 }
 
 fn version_string(v: u32) -> String {
@@ -118,12 +120,12 @@ impl Hypervisor {
             Ok(conn)
         })
         .await?;
-        let domain_type = if uri.starts_with("test:") {
-            DomainType::Test
+        let (domain_type, accel_reason) = if uri.starts_with("test:") {
+            (DomainType::Test, "libvirt's test driver".to_owned())
         } else {
             match accel {
-                Accel::Kvm => DomainType::Kvm,
-                Accel::Tcg => DomainType::Qemu,
+                Accel::Kvm => (DomainType::Kvm, "accel = \"kvm\" in the config".to_owned()),
+                Accel::Tcg => (DomainType::Qemu, "accel = \"tcg\" in the config".to_owned()),
                 Accel::Auto => {
                     let scratch = std::env::temp_dir();
                     let (kvm, why) = tokio::task::spawn_blocking(move || {
@@ -133,10 +135,10 @@ impl Hypervisor {
                     .map_err(|e| Error::Internal(format!("accelerator probe panicked: {e}")))?;
                     if kvm {
                         tracing::info!(reason = %why, "accelerator: kvm");
-                        DomainType::Kvm
+                        (DomainType::Kvm, why)
                     } else {
                         tracing::warn!(reason = %why, "accelerator: tcg (software emulation, slower)");
-                        DomainType::Qemu
+                        (DomainType::Qemu, why)
                     }
                 }
             }
@@ -147,7 +149,29 @@ impl Hypervisor {
             uri: uri.to_owned(),
             timeout,
             domain_type,
+            accel_reason,
         })
+    }
+
+    /// Why the accelerator is what it is.
+    pub fn accel_reason(&self) -> &str {
+        &self.accel_reason
+    }
+
+    /// How long libvirt takes to describe what qemu can do for a domain (what every define
+    /// asks): a few milliseconds from its cache, seconds when it re-probes qemu each time
+    /// (it does while `/dev/kvm` is not usable by its qemu user).
+    pub async fn time_domain_capabilities(&self) -> Result<Duration> {
+        let virttype = match self.domain_type {
+            DomainType::Kvm => "kvm",
+            DomainType::Qemu | DomainType::Test => "qemu",
+        };
+        self.call("virConnectGetDomainCapabilities", move |c| {
+            let started = std::time::Instant::now();
+            c.domain_capabilities(None, Some("x86_64"), None, Some(virttype), 0)?;
+            Ok(started.elapsed())
+        })
+        .await
     }
 
     /// The lifecycle event stream (once).

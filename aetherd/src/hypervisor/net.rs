@@ -59,6 +59,21 @@ impl Hypervisor {
         .await
     }
 
+    /// Whether the network exists and is active, with its bridge's name.
+    pub async fn network_state(&self) -> Result<Option<(bool, String)>> {
+        self.call("virNetworkIsActive", |c| {
+            match c.lookup_network_by_name(network::NETWORK_NAME) {
+                Ok(net) => Ok(Some((
+                    net.is_active()?,
+                    net.bridge_name().unwrap_or_default(),
+                ))),
+                Err(e) if e.code().is(ErrorNumber::NoNetwork) => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
     /// The network's DHCP reservations: (mac, ip, name); none without the network.
     pub async fn dhcp_hosts(&self) -> Result<Vec<(String, Ipv4Addr, String)>> {
         self.call("virNetworkGetXMLDesc", |c| {
