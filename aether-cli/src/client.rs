@@ -11,13 +11,22 @@ use tonic::transport::{Channel, Endpoint, Uri};
 pub type Client = AetherClient<Channel>;
 
 pub async fn connect(socket: &Path) -> anyhow::Result<Client> {
-    // Fail early with a clear message; the connector below would report it less plainly.
-    UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "cannot connect to aetherd at {} (is aetherd running? set --socket or AETHER_SOCKET)",
-            socket.display()
-        )
-    })?;
+    // Fail early with a clear message, saying what to run next; the connector below would
+    // report it less plainly.
+    if let Err(e) = UnixStream::connect(socket).await {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            anyhow::bail!(
+                "cannot connect to aetherd at {}: permission denied; join group aether (sudo usermod -aG aether $USER, then log in again), or run aether doctor",
+                socket.display()
+            );
+        }
+        return Err(e).with_context(|| {
+            format!(
+                "cannot connect to aetherd at {} (is aetherd running? start it with sudo systemctl start aetherd, or set --socket or AETHER_SOCKET; aether doctor checks the rest)",
+                socket.display()
+            )
+        });
+    }
     let path: PathBuf = socket.to_owned();
     // The URI is required by the API but unused: every connection goes to the socket.
     let channel = Endpoint::try_from("http://aetherd.invalid")?

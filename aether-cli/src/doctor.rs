@@ -74,12 +74,14 @@ pub async fn run(socket: &Path, config_dir: &Path, json: bool) -> anyhow::Result
         }
         crate::emit(&text)?;
     }
-    let failed = checks.iter().any(|c| c.severity == Severity::Fail);
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    // For scripts reading stderr: the first thing that blocks, in one line.
+    match checks.iter().find(|c| c.severity == Severity::Fail) {
+        Some(c) => {
+            eprintln!("aether: doctor: {}: {}", c.name, c.detail);
+            Ok(ExitCode::FAILURE)
+        }
+        None => Ok(ExitCode::SUCCESS),
+    }
 }
 
 /// The socket, the caller's right to use it and the daemon's answer; the client if it
@@ -101,7 +103,7 @@ async fn reach(socket: &Path, checks: &mut Vec<Check>) -> Option<client::Client>
             checks.push(check(
                 "daemon",
                 Severity::Fail,
-                format!("no permission to use {}", socket.display()),
+                format!("permission denied on {}", socket.display()),
                 group_hint(),
             ));
             return None;

@@ -12,9 +12,13 @@ pub enum Error {
     /// A value from the caller is malformed or out of range; the message names the allowed range.
     #[error("{0}")]
     InvalidArgument(String),
-    /// No such object, or not visible to the caller.
-    #[error("{kind} {id} not found")]
-    NotFound { kind: &'static str, id: String },
+    /// No such object, or not visible to the caller; `hint` (if any) says what to run next.
+    #[error("{kind} {id} not found{}", if .hint.is_empty() { String::new() } else { format!(": {}", .hint) })]
+    NotFound {
+        kind: &'static str,
+        id: String,
+        hint: &'static str,
+    },
     #[error("{0}")]
     AlreadyExists(String),
     /// The request is not allowed in the object's current state.
@@ -54,9 +58,15 @@ impl Error {
     }
 
     pub fn not_found(kind: &'static str, id: impl Into<String>) -> Self {
+        Self::not_found_hint(kind, id, "")
+    }
+
+    /// [`Error::not_found`], saying what to run next.
+    pub fn not_found_hint(kind: &'static str, id: impl Into<String>, hint: &'static str) -> Self {
         Self::NotFound {
             kind,
             id: id.into(),
+            hint,
         }
     }
 }

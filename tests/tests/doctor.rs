@@ -151,7 +151,12 @@ fn a_user_outside_group_aether_is_told_to_join_it_or_to_log_in_again() {
     assert_eq!(r.code, 1, "{r:?}");
     assert!(
         r.stdout
-            .starts_with("FAIL  daemon         no permission to use "),
+            .starts_with("FAIL  daemon         permission denied on "),
+        "{r:?}"
+    );
+    assert!(
+        r.stderr
+            .starts_with("aether: doctor: daemon: permission denied on "),
         "{r:?}"
     );
     assert!(

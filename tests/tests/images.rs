@@ -428,7 +428,10 @@ fn workspaces_get_volume_seed_and_address_and_give_them_back() {
         "{err}"
     );
     let err = env.fail(&["workspace", "create", "--project", "net", "--image", "nope"]);
-    assert_eq!(err, "aether: image nope not found");
+    assert_eq!(
+        err,
+        "aether: image nope not found: see aether image list, or import it with aether image import NAME FILE"
+    );
 
     // Deleting gives the address back (to the end of the line: dnsmasq may still hold a
     // lease on it) and removes the seed.

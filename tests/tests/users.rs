@@ -80,6 +80,7 @@ fn another_member_finds_none_of_alices_objects_and_an_outsider_is_refused_everyt
     // Calls without a target: listing and creating are allowed, and show only bob's own.
     let untargeted: Vec<(&str, Vec<&str>)> = vec![
         ("GetHostInfo", vec!["host", "info"]),
+        ("CheckHost", vec!["doctor"]),
         // Names are per owner: bob may have an "alice-app" too, which tells him nothing.
         ("CreateProject", vec!["project", "create", "alice-app"]),
         ("ListProjects", vec!["-o", "json", "project", "list"]),

@@ -270,7 +270,16 @@ impl Workspaces {
             ("", default) => default,
             (name, _) => name,
         };
-        let image = self.d.store.resolve_image(image_ref, caller.owner())?;
+        let image = match self.d.store.resolve_image(image_ref, caller.owner()) {
+            Err(Error::NotFound { .. }) => {
+                return Err(Error::not_found_hint(
+                    "image",
+                    image_ref,
+                    "see aether image list, or import it with aether image import NAME FILE",
+                ))
+            }
+            other => other?,
+        };
         let size_bytes = u64::from(hardware.volume_size_gb) << 30;
         if size_bytes < image.virtual_size {
             return Err(Error::invalid(format!(
