@@ -1,9 +1,8 @@
 //! `aether image import`: reads the image (a file, or an http(s) URL) with the user's own
 //! rights and streams it to the daemon, showing progress on a terminal.
 
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use aether_proto::v1 as pb;
 use anyhow::{bail, Context};
@@ -23,53 +22,36 @@ pub struct ImportArgs {
     pub boot_mode: pb::BootMode,
 }
 
-/// Progress on stderr: redrawn in place on a terminal, nothing otherwise.
+/// Progress on stderr (indicatif): drawn on a terminal, nothing otherwise.
 struct Progress {
-    what: String,
-    total: Option<u64>,
-    done: u64,
-    last: Instant,
-    tty: bool,
+    bar: indicatif::ProgressBar,
 }
 
 impl Progress {
     fn new(what: String, total: Option<u64>) -> Self {
-        Progress {
-            what,
-            total,
-            done: 0,
-            last: Instant::now() - Duration::from_secs(1),
-            tty: std::io::stderr().is_terminal(),
-        }
+        let (bar, template) = match total {
+            Some(t) => (
+                indicatif::ProgressBar::new(t),
+                "{msg}: {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            ),
+            None => (
+                indicatif::ProgressBar::no_length(),
+                "{msg}: {bytes} {binary_bytes_per_sec}",
+            ),
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(template).expect("the template is valid"),
+        );
+        bar.set_message(what);
+        Progress { bar }
     }
 
     fn add(&mut self, n: usize) {
-        self.done += n as u64;
-        if self.tty && self.last.elapsed() >= Duration::from_millis(200) {
-            self.draw();
-            self.last = Instant::now();
-        }
-    }
-
-    fn draw(&self) {
-        let mib = self.done as f64 / (1 << 20) as f64;
-        match self.total {
-            Some(t) if t > 0 => eprint!(
-                "\r{}: {:5.1}% {:8.1} MiB of {:.1} MiB",
-                self.what,
-                self.done as f64 * 100.0 / t as f64,
-                mib,
-                t as f64 / (1 << 20) as f64
-            ),
-            _ => eprint!("\r{}: {:8.1} MiB", self.what, mib),
-        }
+        self.bar.inc(n as u64);
     }
 
     fn finish(&self) {
-        if self.tty {
-            self.draw();
-            eprintln!();
-        }
+        self.bar.finish();
     }
 }
 

@@ -11,6 +11,7 @@ mod forward;
 mod identity;
 mod image;
 mod output;
+mod pull;
 mod ssh;
 mod task;
 mod watch;
@@ -142,6 +143,22 @@ enum ImageCmd {
     /// List your own images and the shared ones (root: all): NAME OWNER FORMAT SIZE BOOT
     /// IN-USE CREATED. NAME is the image's id: NAME@UID for a member's own image.
     List,
+    /// List the stock images `image pull` knows: NAME BOOT MIN-DISK DESCRIPTION (the
+    /// daemon's catalog, plus the files in its image_catalog_dir).
+    Catalog,
+    /// Download a catalog image from its publisher, verify it against the published
+    /// checksum file (a mismatch keeps nothing), and import it. An interrupted pull resumes
+    /// where it stopped.
+    Pull {
+        /// A catalog entry (see `aether image catalog`), e.g. ubuntu-22.04.
+        name: String,
+        /// Import it under this name instead.
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+        /// Seconds without a byte before a download is resumed on a new connection.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        stall_timeout: u64,
+    },
     /// Delete one of your images (root: any), refused while a workspace uses it.
     Delete {
         /// A name (your own image, else the shared one) or NAME@UID.
@@ -580,6 +597,64 @@ async fn image_cmd(c: &mut Client, format: Format, cmd: ImageCmd) -> anyhow::Res
                 },
             )
             .await?;
+            match format {
+                Format::Json => emit_json(&output::image_json(&img))?,
+                Format::Table => emit(&output::image_table(std::slice::from_ref(&img)))?,
+            }
+        }
+        ImageCmd::Catalog => {
+            let entries = c
+                .list_catalog(pb::ListCatalogRequest {})
+                .await?
+                .into_inner()
+                .entries;
+            match format {
+                Format::Json => emit_json(&entries.iter().map(output::catalog_json).collect())?,
+                Format::Table => emit(&output::catalog_table(&entries))?,
+            }
+        }
+        ImageCmd::Pull {
+            name,
+            as_name,
+            stall_timeout,
+        } => {
+            if stall_timeout == 0 {
+                bail!("--stall-timeout must be at least 1 second");
+            }
+            let entries = c
+                .list_catalog(pb::ListCatalogRequest {})
+                .await?
+                .into_inner()
+                .entries;
+            let entry = entries
+                .into_iter()
+                .find(|e| e.name == name)
+                .ok_or_else(|| {
+                    anyhow!("{name} is not in the image catalog; see aether image catalog")
+                })?;
+            let boot_mode = pb::BootMode::try_from(entry.boot_mode).unwrap_or(pb::BootMode::Bios);
+            let stall = std::time::Duration::from_secs(stall_timeout);
+            let fetched = {
+                let entry = entry.clone();
+                tokio::task::spawn_blocking(move || pull::download(&entry, stall))
+                    .await
+                    .context("the download thread failed")??
+            };
+            let imported = image::import(
+                c,
+                image::ImportArgs {
+                    name: as_name.unwrap_or(entry.name),
+                    source: fetched.path.to_string_lossy().into_owned(),
+                    kernel: None,
+                    initrd: None,
+                    cmdline: None,
+                    boot_mode,
+                },
+            )
+            .await;
+            // Verified and sent (or refused by the daemon): the download has served.
+            let _ = std::fs::remove_file(&fetched.path);
+            let img = imported?;
             match format {
                 Format::Json => emit_json(&output::image_json(&img))?,
                 Format::Table => emit(&output::image_table(std::slice::from_ref(&img)))?,

@@ -438,6 +438,35 @@ pub fn host_json(h: &pb::HostInfo) -> Value {
     })
 }
 
+/// `image catalog`: NAME BOOT MIN-DISK DESCRIPTION.
+pub fn catalog_table(entries: &[pb::CatalogEntry]) -> String {
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.name.clone(),
+                boot_mode_name(e.boot_mode).to_owned(),
+                format!("{} GiB", e.min_disk_gb),
+                e.description.clone(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "BOOT", "MIN-DISK", "DESCRIPTION"], &rows)
+}
+
+pub fn catalog_json(e: &pb::CatalogEntry) -> Value {
+    json!({
+        "name": e.name,
+        "description": e.description,
+        "url": e.url,
+        "checksum_url": e.checksum_url,
+        "checksum_algorithm": e.checksum_algorithm,
+        "boot_mode": boot_mode_name(e.boot_mode),
+        "login_user": e.login_user,
+        "min_disk_gb": e.min_disk_gb,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use aether_domain::STATE_NAMES;

@@ -57,6 +57,9 @@ pub struct Config {
     /// The group libvirt runs qemu with (`group` in libvirt's qemu.conf): the only group
     /// that may traverse the state dir and read base images. Empty: none.
     pub qemu_group: String,
+    /// Directory of image catalog files (`*.toml`) that add to or replace the shipped
+    /// entries of `aether image pull` (see `images::catalog`).
+    pub image_catalog_dir: PathBuf,
     /// Per-user caps (the `[quota]` table).
     pub quota: crate::quota::Quotas,
 }
@@ -78,6 +81,7 @@ impl Default for Config {
             memory_overcommit: 1.0,
             reserved_host_cpus: vec![0],
             gpu_allow: Vec::new(),
+            image_catalog_dir: PathBuf::from("/etc/aether/images.d"),
             qemu_group: "libvirt-qemu".to_owned(),
             quota: crate::quota::Quotas::default(),
         }

@@ -124,6 +124,7 @@ impl Daemon {
             qemu_gid,
             config.max_volume_size_gb,
             config.quota.clone(),
+            config.image_catalog_dir.clone(),
         ));
         let projects = Arc::new(Projects::new(Arc::clone(&store)));
         let placement = Arc::new(Placement::new(host, gpus, &config));

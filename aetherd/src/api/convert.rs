@@ -155,3 +155,16 @@ pub(super) fn check_to_pb(c: Check) -> pb::HostCheck {
         hint: c.hint,
     }
 }
+
+pub(super) fn catalog_entry_to_pb(e: crate::images::catalog::Entry) -> pb::CatalogEntry {
+    pb::CatalogEntry {
+        name: e.name.to_string(),
+        description: e.description,
+        url: e.url,
+        checksum_url: e.checksum_url,
+        checksum_algorithm: e.checksum.to_owned(),
+        boot_mode: boot_mode_to_pb(e.boot) as i32,
+        login_user: e.login_user,
+        min_disk_gb: e.min_disk_gb,
+    }
+}

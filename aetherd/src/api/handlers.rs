@@ -17,7 +17,9 @@ use crate::tunnel;
 use crate::workspace::CreateWorkspace;
 
 use super::auth;
-use super::convert::{check_to_pb, image_to_pb, project_to_pb, state_from_pb, task_to_pb};
+use super::convert::{
+    catalog_entry_to_pb, check_to_pb, image_to_pb, project_to_pb, state_from_pb, task_to_pb,
+};
 use super::streams::{follow_frames, snapshot_project, task_log_stream, watch_stream, ByteStream};
 use super::upload::{receive_image_header, receive_image_parts};
 use super::Service;
@@ -410,6 +412,22 @@ impl Aether for Service {
         let images = self.daemon.images.list(caller)?;
         Ok(Response::new(pb::ListImagesResponse {
             images: images.iter().map(image_to_pb).collect(),
+        }))
+    }
+
+    async fn list_catalog(
+        &self,
+        req: Request<pb::ListCatalogRequest>,
+    ) -> Reply<pb::ListCatalogResponse> {
+        auth::caller(&req)?;
+        Ok(Response::new(pb::ListCatalogResponse {
+            entries: self
+                .daemon
+                .images
+                .catalog()
+                .into_iter()
+                .map(catalog_entry_to_pb)
+                .collect(),
         }))
     }
 

@@ -18,6 +18,7 @@
 //! (running `qemu-img` under limits, judging what it says, [`convert_raw`]), `pool`
 //! ([`move_into_pool`]) and `service` ([`Images`]: import, list, delete).
 
+pub mod catalog;
 mod check;
 mod pool;
 mod qcow2;

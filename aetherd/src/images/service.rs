@@ -25,6 +25,7 @@ pub struct Images {
     qemu_gid: Option<u32>,
     max_volume_size_gb: u32,
     quota: Quotas,
+    catalog_dir: std::path::PathBuf,
 }
 
 impl Images {
@@ -35,6 +36,7 @@ impl Images {
         qemu_gid: Option<u32>,
         max_volume_size_gb: u32,
         quota: Quotas,
+        catalog_dir: std::path::PathBuf,
     ) -> Self {
         Images {
             store,
@@ -43,7 +45,14 @@ impl Images {
             qemu_gid,
             max_volume_size_gb,
             quota,
+            catalog_dir,
         }
+    }
+
+    /// The catalog of `aether image pull`, read anew each time (so an edited file applies
+    /// at once).
+    pub fn catalog(&self) -> Vec<images::catalog::Entry> {
+        images::catalog::load(&self.catalog_dir)
     }
 
     /// Refuses an image upload that has grown to `total` bytes past what `caller` may send:
