@@ -11,6 +11,8 @@
 #
 #   AETHER_IMAGE=debian-12 (default)  real Debian 12 with cloud-init and OpenSSH (~3 min build)
 #   AETHER_IMAGE=testguest            tiny busybox + dropbear guest (~10 s build, boots in ~5 s)
+#   AETHER_IMAGE=ubuntu-22.04         any other name: pulled from the image catalog (online;
+#                                     see aether image catalog), verified by its checksum
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -25,7 +27,9 @@ have_systemd=false
 [ -d /run/systemd/system ] && have_systemd=true
 
 IMAGE=${AETHER_IMAGE:-debian-12}
-[ -f "images/$IMAGE/build.sh" ] || die "unknown AETHER_IMAGE $IMAGE (see images/)"
+case "$IMAGE" in
+  *[!a-z0-9._-]* | "") die "invalid AETHER_IMAGE $IMAGE: an image name (see images/ and aether image catalog)" ;;
+esac
 
 PACKAGES=(libvirt-dev pkg-config gcc libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils dnsmasq-base iptables openssh-client)
@@ -102,10 +106,15 @@ fi
 
 aether host info || die "aetherd is not answering; see /var/log/aetherd.log or journalctl -u aetherd"
 
-if ! aether image list | awk 'NR > 1 { print $1 }' | grep -qx "$IMAGE"; then
+if aether image list | awk 'NR > 1 { print $1 }' | grep -qx "$IMAGE"; then
+  :
+elif [ -f "images/$IMAGE/build.sh" ]; then
   out=$(bash scripts/build-image.sh "$IMAGE")
   aether image import "$IMAGE" "$out/disk.qcow2" --kernel "$out/vmlinuz" \
     --initrd "$out/initrd.img" --cmdline "$(cat "$out/cmdline")"
+else
+  log "pulling $IMAGE from the image catalog"
+  aether image pull "$IMAGE" || die "cannot pull $IMAGE (aether image catalog lists what can be pulled; this machine must reach its publisher)"
 fi
 log "aetherd is running with image $IMAGE. Next:"
 cat <<'NEXT'
