@@ -369,6 +369,7 @@ impl TestEnv {
         let mut cmd = Command::new(bin_dir().join("aether"));
         cmd.env("AETHER_SOCKET", &self.socket)
             .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
+            .env("XDG_CACHE_HOME", self.dir.path().join(".cache"))
             .env("HOME", self.dir.path())
             .stdin(Stdio::null());
         cmd
