@@ -107,7 +107,12 @@ fn get(
 
 /// The checksum file's text, bounded.
 fn fetch_sums(agent: &ureq::Agent, url: &str) -> anyhow::Result<String> {
-    let resp = get(agent, url, 0).map_err(Try::into_error)?;
+    let resp = get(agent, url, 0).map_err(|e| {
+        anyhow::anyhow!(
+            "{:#} (is the publisher reachable from here? a local mirror can be added to the daemon's image_catalog_dir)",
+            e.into_error()
+        )
+    })?;
     if !resp.status().is_success() {
         bail!(
             "cannot download the checksum file {url}: HTTP {}",
