@@ -93,6 +93,14 @@ else
   pgrep -x libvirtd >/dev/null || libvirtd -d
   for _ in $(seq 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
   virsh -c qemu:///system version >/dev/null || die "libvirtd did not come up"
+  # An aetherd still running from an earlier install serves the old binary: stop it (the
+  # VMs keep running; the new one reconciles them), as systemctl restart does.
+  if pids=$(pgrep -x aetherd); then
+    echo "stopping the running aetherd ($pids) to start the new build"
+    kill $pids
+    for _ in $(seq 100); do pgrep -x aetherd >/dev/null || break; sleep 0.1; done
+    pgrep -x aetherd >/dev/null && die "the old aetherd ($pids) did not stop"
+  fi
   if ! aether host info >/dev/null 2>&1; then
     install -d /run/aether
     install -d -m 0750 /var/lib/aether
