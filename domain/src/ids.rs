@@ -57,28 +57,35 @@ impl ProjectId {
     }
 }
 
+/// Lowercase letters and digits: what follows the prefix of a workspace or task id.
+#[cfg(feature = "generate")]
+const ID_CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+
+/// `s` if it is `prefix` followed by `n` lowercase letters or digits, else the refusal
+/// naming `what`.
+fn prefixed(s: &str, prefix: &str, n: usize, what: &str) -> Result<String> {
+    let ok = s.len() == prefix.len() + n
+        && s.starts_with(prefix)
+        && s[prefix.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(InvalidInput::new(format!(
+            "invalid {what} {s:?}: expected {prefix} followed by {n} lowercase letters or digits"
+        )))
+    }
+}
+
 impl WorkspaceId {
     #[cfg(feature = "generate")]
     pub fn generate() -> Self {
-        Self(format!(
-            "ws-{}",
-            random_chars(b"abcdefghijklmnopqrstuvwxyz0123456789", 6)
-        ))
+        Self(format!("ws-{}", random_chars(ID_CHARS, 6)))
     }
 
     pub fn parse(s: &str) -> Result<Self> {
-        let ok = s.len() == 9
-            && s.starts_with("ws-")
-            && s[3..]
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(InvalidInput::new(format!(
-                "invalid workspace id {s:?}: expected ws- followed by 6 lowercase letters or digits"
-            )))
-        }
+        prefixed(s, "ws-", 6, "workspace id").map(Self)
     }
 
     pub fn as_str(&self) -> &str {
@@ -94,25 +101,11 @@ impl WorkspaceId {
 impl TaskId {
     #[cfg(feature = "generate")]
     pub fn generate() -> Self {
-        Self(format!(
-            "task-{}",
-            random_chars(b"abcdefghijklmnopqrstuvwxyz0123456789", 8)
-        ))
+        Self(format!("task-{}", random_chars(ID_CHARS, 8)))
     }
 
     pub fn parse(s: &str) -> Result<Self> {
-        let ok = s.len() == 13
-            && s.starts_with("task-")
-            && s[5..]
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(InvalidInput::new(format!(
-                "invalid task id {s:?}: expected task- followed by 8 lowercase letters or digits"
-            )))
-        }
+        prefixed(s, "task-", 8, "task id").map(Self)
     }
 
     pub fn as_str(&self) -> &str {
