@@ -58,6 +58,10 @@ fn commands(project: &str, ws: &str) -> Vec<(&'static str, Vec<String>)> {
             v(&["workspace", "update", ws, "--cpus", "1"]),
         ),
         ("GetConsoleLog", v(&["workspace", "logs", ws, "--console"])),
+        (
+            "SnapshotWorkspace",
+            v(&["workspace", "snapshot", "list", ws]),
+        ),
         ("WatchWorkspaces", v(&["workspace", "watch", ws])),
         ("Tunnel", v(&["workspace", "proxy", ws])),
         ("Exec", v(&["workspace", "exec", ws, "--", "true"])),
@@ -81,6 +85,7 @@ fn another_member_finds_none_of_alices_objects_and_an_outsider_is_refused_everyt
     let untargeted: Vec<(&str, Vec<&str>)> = vec![
         ("GetHostInfo", vec!["host", "info"]),
         ("CheckHost", vec!["doctor"]),
+        ("ListCatalog", vec!["image", "catalog"]),
         // Names are per owner: bob may have an "alice-app" too, which tells him nothing.
         ("CreateProject", vec!["project", "create", "alice-app"]),
         ("ListProjects", vec!["-o", "json", "project", "list"]),
