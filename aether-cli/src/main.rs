@@ -101,6 +101,28 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+enum SnapshotCmd {
+    /// Take a snapshot of a stopped workspace's disk and print its name.
+    Create {
+        id: String,
+        /// 1-63 lowercase letters, digits, '.', '_' and '-'.
+        name: String,
+    },
+    /// List a workspace's snapshots: NAME CREATED, oldest first.
+    List { id: String },
+    /// Put the workspace's disk back as it was at the snapshot (the snapshot stays).
+    Restore {
+        id: String,
+        name: String,
+        /// Power a running workspace off first instead of refusing.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete a snapshot of a stopped workspace.
+    Delete { id: String, name: String },
+}
+
+#[derive(Subcommand, Debug)]
 enum TaskCmd {
     /// List tasks: ID WORKSPACE STATE EXIT STARTED COMMAND, newest first.
     List {
@@ -235,6 +257,10 @@ enum WorkspaceCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Named points of a workspace's disk, kept inside its volume (no copy): create, list,
+    /// restore, delete. Changing them needs the workspace stopped.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Delete a workspace: its VM and its volume.
     Delete {
         id: String,
@@ -782,6 +808,31 @@ async fn workspace(
                 wait_while(c, format, w, pb::WorkspaceState::Stopping).await?
             };
             return finish(format, &w, pb::WorkspaceState::Stopped, no_wait);
+        }
+        WorkspaceCmd::Snapshot(cmd) => {
+            use pb::snapshot_workspace_request::Op;
+            let (id, op, name, force) = match cmd {
+                SnapshotCmd::Create { id, name } => (id, Op::Create, name, false),
+                SnapshotCmd::List { id } => (id, Op::List, String::new(), false),
+                SnapshotCmd::Restore { id, name, force } => (id, Op::Restore, name, force),
+                SnapshotCmd::Delete { id, name } => (id, Op::Delete, name, false),
+            };
+            let list = c
+                .snapshot_workspace(pb::SnapshotWorkspaceRequest {
+                    workspace_id: id,
+                    op: op as i32,
+                    name: name.clone(),
+                    force,
+                })
+                .await?
+                .into_inner()
+                .snapshots;
+            match (format, op) {
+                (Format::Json, _) => emit_json(&list.iter().map(output::snapshot_json).collect())?,
+                (Format::Table, Op::List) => emit(&output::snapshot_table(&list))?,
+                (Format::Table, Op::Create) => emit(&format!("{name}\n"))?,
+                (Format::Table, _) => {}
+            }
         }
         WorkspaceCmd::Delete { id, force } => {
             c.delete_workspace(pb::DeleteWorkspaceRequest {

@@ -467,6 +467,19 @@ pub fn catalog_json(e: &pb::CatalogEntry) -> Value {
     })
 }
 
+/// `workspace snapshot list`: NAME CREATED.
+pub fn snapshot_table(list: &[pb::Snapshot]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| vec![s.name.clone(), datetime(s.created_at)])
+        .collect();
+    table(&["NAME", "CREATED"], &rows)
+}
+
+pub fn snapshot_json(s: &pb::Snapshot) -> Value {
+    json!({ "name": s.name, "created_at": s.created_at })
+}
+
 #[cfg(test)]
 mod tests {
     use aether_domain::STATE_NAMES;

@@ -851,3 +851,50 @@ fn kill_9_during_a_start_and_a_stop_recovers() {
     assert_eq!(ssh(&env, &ws, "cat /etc/hostname").trim(), ws);
     env.ok(&["workspace", "delete", &ws, "--force"]);
 }
+
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn a_snapshot_restore_brings_back_what_was_deleted() {
+    let env = testguest_env("");
+    let ws = env.create_small_workspace("e2e", &[]);
+    env.ok(&["workspace", "start", &ws]);
+    ssh(&env, &ws, "echo kept > work && sync");
+    env.ok(&["workspace", "stop", &ws]);
+    assert_eq!(
+        env.ok(&["workspace", "snapshot", "create", &ws, "before"]),
+        "before\n"
+    );
+    let list = env.json(&["workspace", "snapshot", "list", &ws]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["name"], "before");
+    assert!(list[0]["created_at"].as_i64().unwrap() > 0, "{list}");
+    let err = env.fail(&["workspace", "snapshot", "create", &ws, "before"]);
+    assert!(err.contains("has a snapshot before already"), "{err}");
+
+    env.ok(&["workspace", "start", &ws]);
+    // Not while it runs: qemu holds the volume.
+    let err = env.fail(&["workspace", "snapshot", "restore", &ws, "before"]);
+    assert_eq!(
+        err,
+        "aether: workspace is running: stop it first, or restore with --force"
+    );
+    ssh(&env, &ws, "rm work && echo later > other && sync");
+    // --force powers it off and restores.
+    env.ok(&["workspace", "snapshot", "restore", &ws, "before", "--force"]);
+    assert_eq!(env.state_of(&ws), "stopped");
+    env.ok(&["workspace", "start", &ws]);
+    assert_eq!(ssh(&env, &ws, "cat work").trim(), "kept");
+    assert_eq!(
+        ssh(&env, &ws, "test -e other && echo there || echo gone").trim(),
+        "gone"
+    );
+    env.ok(&["workspace", "stop", &ws, "--force"]);
+    env.ok(&["workspace", "snapshot", "delete", &ws, "before"]);
+    assert_eq!(
+        env.json(&["workspace", "snapshot", "list", &ws]),
+        serde_json::json!([])
+    );
+    let err = env.fail(&["workspace", "snapshot", "restore", &ws, "before"]);
+    assert_eq!(err, "aether: snapshot before not found");
+    env.ok(&["workspace", "delete", &ws]);
+}

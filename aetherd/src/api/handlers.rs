@@ -175,6 +175,41 @@ impl Aether for Service {
         Ok(Response::new(pb::DeleteWorkspaceResponse {}))
     }
 
+    async fn snapshot_workspace(
+        &self,
+        req: Request<pb::SnapshotWorkspaceRequest>,
+    ) -> Reply<pb::SnapshotList> {
+        use crate::images::snapshots::SnapshotName;
+        use crate::workspace::snapshot::SnapshotOp;
+        use pb::snapshot_workspace_request::Op;
+        let caller = auth::caller(&req)?;
+        let r = req.into_inner();
+        let name = || SnapshotName::parse(&r.name);
+        let op = match Op::try_from(r.op) {
+            Ok(Op::List) => SnapshotOp::List,
+            Ok(Op::Create) => SnapshotOp::Create(name()?),
+            Ok(Op::Restore) => SnapshotOp::Restore(name()?),
+            Ok(Op::Delete) => SnapshotOp::Delete(name()?),
+            Ok(Op::Unspecified) | Err(_) => {
+                return Err(Error::invalid("op must be list, create, restore or delete").into())
+            }
+        };
+        let list = self
+            .daemon
+            .workspaces
+            .snapshot(caller, &r.workspace_id, op, r.force)
+            .await?;
+        Ok(Response::new(pb::SnapshotList {
+            snapshots: list
+                .into_iter()
+                .map(|s| pb::Snapshot {
+                    name: s.name,
+                    created_at: s.created_at,
+                })
+                .collect(),
+        }))
+    }
+
     async fn update_workspace(
         &self,
         req: Request<pb::UpdateWorkspaceRequest>,

@@ -24,6 +24,7 @@ mod pool;
 mod qcow2;
 mod qemu_img;
 mod service;
+pub mod snapshots;
 
 pub use check::{check_disk, claimed_format, decide_format, identify, sniff, CheckedDisk};
 pub use pool::move_into_pool;

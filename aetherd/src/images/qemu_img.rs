@@ -224,7 +224,7 @@ async fn run_limited(
 }
 
 /// A path as qemu-img gets it: absolute, so it can never be read as a protocol name.
-pub(super) fn absolute(path: &Path) -> Result<PathBuf> {
+pub(crate) fn absolute(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path)
         .map_err(|e| Error::Internal(format!("cannot resolve {}: {e}", path.display())))
 }

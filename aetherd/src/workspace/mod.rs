@@ -3,7 +3,8 @@
 //! pure state machine ([`state`]). The work a runner hands out lives beside it:
 //! [`provision`] (volume, seed, reservation, domain), [`placement`] (where a start goes),
 //! [`pinning`] (running VMs kept off dedicated CPUs), [`jobs`] (boot and graceful stop),
-//! [`readiness`] (when a guest can be used) and [`reconcile`] (what no row owns, at start).
+//! [`readiness`] (when a guest can be used), [`reconcile`] (what no row owns, at start) and
+//! [`snapshot`] (named points of the disk).
 //!
 //! Invariants: a request that concerns one workspace is checked for visibility here and then
 //! handed to its runner, the only writer of its state; nothing here writes a state.
@@ -15,6 +16,7 @@ pub mod provision;
 pub mod readiness;
 pub mod reconcile;
 pub mod runner;
+pub mod snapshot;
 pub mod state;
 
 use std::collections::HashMap;
@@ -409,6 +411,22 @@ impl Workspaces {
             reply,
         })
         .await
+    }
+
+    /// Lists, takes, restores or deletes a snapshot of the workspace's disk, in its runner;
+    /// the snapshots afterwards. With `force`, a restore powers a running VM off first.
+    pub async fn snapshot(
+        self: &Arc<Self>,
+        caller: Caller,
+        id: &str,
+        op: snapshot::SnapshotOp,
+        force: bool,
+    ) -> Result<Vec<crate::images::snapshots::Snapshot>> {
+        let ws = self.get(caller, id)?;
+        if force && matches!(op, snapshot::SnapshotOp::Restore(_)) && !ws.state.vm_is_off() {
+            self.ask(&ws.id, Input::ForceStop).await?;
+        }
+        self.ask(&ws.id, |reply| Input::Snapshot(op, reply)).await
     }
 
     /// Deletes the domain and the row. Without `force` the VM must not be running.

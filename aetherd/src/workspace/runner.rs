@@ -28,11 +28,13 @@ use crate::caller::Caller;
 use crate::error::{Error, Result};
 use crate::hypervisor::events::DomainEvent;
 use crate::hypervisor::DomainStatus;
+use crate::images::snapshots::Snapshot;
 use crate::model::{HardwareRequest, WorkspaceId};
 use crate::store::{Holdings, Workspace};
 use crate::workspace::jobs::Jobs;
 use crate::workspace::provision::Provisioning;
 use crate::workspace::readiness::{console_hint, BootOutcome};
+use crate::workspace::snapshot::{self, SnapshotOp};
 use crate::workspace::state::{self, Effect, Event, Hold, State};
 use crate::workspace::Workspaces;
 
@@ -63,6 +65,7 @@ pub enum Input {
         generation: u64,
     },
     Reconcile(Reply<()>),
+    Snapshot(SnapshotOp, Reply<Vec<Snapshot>>),
 }
 
 /// A boot or a graceful stop in flight.
@@ -192,6 +195,10 @@ impl Runner {
                 if deleted {
                     return Flow::Exit;
                 }
+            }
+            Input::Snapshot(op, reply) => {
+                let result = snapshot::carry_out(&self.w.d.hv, &self.w.d.layout, &ws, op).await;
+                let _ = reply.send(result);
             }
             Input::Domain(ev) => self.on_domain_event(ws, ev).await,
             Input::IdleExpired { generation } => self.on_idle_expired(ws, generation).await,
@@ -475,6 +482,9 @@ fn reply_err(input: Input, e: Error) {
             let _ = r.send(Err(e));
         }
         Input::Delete { reply, .. } | Input::Reconcile(reply) => {
+            let _ = reply.send(Err(e));
+        }
+        Input::Snapshot(_, reply) => {
             let _ = reply.send(Err(e));
         }
         Input::Domain(_) | Input::IdleExpired { .. } => {}
