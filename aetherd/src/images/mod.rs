@@ -67,21 +67,27 @@ impl BootMode {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageName(String);
 
+/// `s` if it matches `^[a-z0-9][a-z0-9._-]{0,62}$` (what image and snapshot names are),
+/// else the refusal naming `what` ("image name").
+pub(crate) fn parse_name(s: &str, what: &str) -> Result<String> {
+    let b = s.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid {what} {s:?}: use 1-63 lowercase letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )))
+    }
+}
+
 impl ImageName {
     pub fn parse(s: &str) -> Result<Self> {
-        let b = s.as_bytes();
-        let ok = !b.is_empty()
-            && b.len() <= 63
-            && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-            && b.iter()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c));
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(Error::invalid(format!(
-                "invalid image name {s:?}: use 1-63 lowercase letters, digits, '.', '_' and '-', starting with a letter or digit"
-            )))
-        }
+        parse_name(s, "image name").map(Self)
     }
 
     pub fn as_str(&self) -> &str {

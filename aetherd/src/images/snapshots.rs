@@ -16,27 +16,15 @@ use crate::error::{Error, Result};
 /// Most snapshots a workspace keeps.
 pub const MAX_SNAPSHOTS: usize = 64;
 
-/// A snapshot name: 1-63 lowercase letters, digits, '.', '_' and '-', starting with a letter
-/// or digit (what a qemu-img argument and a table cell can carry as it is).
+/// A snapshot name: the image-name rule (1-63 lowercase letters, digits, '.', '_' and '-',
+/// starting with a letter or digit: what a qemu-img argument and a table cell can carry as
+/// it is).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotName(String);
 
 impl SnapshotName {
     pub fn parse(s: &str) -> Result<Self> {
-        let b = s.as_bytes();
-        let ok = !b.is_empty()
-            && b.len() <= 63
-            && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-            && b.iter().all(|c| {
-                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
-            });
-        if ok {
-            Ok(SnapshotName(s.to_owned()))
-        } else {
-            Err(Error::invalid(format!(
-                "invalid snapshot name {s:?}: use 1-63 lowercase letters, digits, '.', '_' and '-', starting with a letter or digit"
-            )))
-        }
+        super::parse_name(s, "snapshot name").map(SnapshotName)
     }
 
     pub fn as_str(&self) -> &str {
