@@ -96,6 +96,12 @@ impl WorkspaceId {
     pub fn domain_name(&self) -> String {
         format!("aether-{}", self.0)
     }
+
+    /// The workspace a libvirt domain name ([`WorkspaceId::domain_name`]) is of, if any.
+    pub fn from_domain_name(name: &str) -> Option<Self> {
+        name.strip_prefix("aether-")
+            .and_then(|id| Self::parse(id).ok())
+    }
 }
 
 impl TaskId {
@@ -282,6 +288,10 @@ mod tests {
         let w = WorkspaceId::parse("ws-abc123").unwrap();
         assert_eq!(w.to_string(), "ws-abc123");
         assert_eq!(w.domain_name(), "aether-ws-abc123");
+        assert_eq!(WorkspaceId::from_domain_name(&w.domain_name()), Some(w));
+        for other in ["ws-abc123", "aether-ws-ABC123", "aether-", "test"] {
+            assert_eq!(WorkspaceId::from_domain_name(other), None, "{other}");
+        }
         assert_eq!(ProjectName::parse("app").unwrap().to_string(), "app");
         assert_eq!(
             ProjectId::parse("a1b2c3d4").unwrap().to_string(),

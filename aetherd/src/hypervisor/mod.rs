@@ -93,16 +93,21 @@ fn owned_domain(conn: &Connect, ws: &WorkspaceId) -> Result<Option<Domain>> {
         Err(e) if is_no_domain(&e) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let owner = dom
-        .metadata(METADATA_ELEMENT, Some(xml::METADATA_NS), 0)
-        .ok()
-        .and_then(|m: String| xml::metadata_workspace_id(&m));
-    if owner.as_deref() != Some(ws.as_str()) {
+    if !made_for(&dom, ws) {
         return Err(Error::FailedPrecondition(format!(
             "libvirt domain {name} exists but is not managed by aether for {ws}; refusing to touch it"
         )));
     }
     Ok(Some(dom))
+}
+
+/// Whether `dom` carries aether's metadata for `ws`.
+fn made_for(dom: &Domain, ws: &WorkspaceId) -> bool {
+    let owner = dom
+        .metadata(METADATA_ELEMENT, Some(xml::METADATA_NS), 0)
+        .ok()
+        .and_then(|m: String| xml::metadata_workspace_id(&m));
+    owner.as_deref() == Some(ws.as_str())
 }
 
 impl Hypervisor {
@@ -439,13 +444,12 @@ impl Hypervisor {
                 let Some(ws) = dom
                     .name()
                     .ok()
-                    .and_then(|n| n.strip_prefix("aether-").map(str::to_owned))
-                    .and_then(|id| WorkspaceId::parse(&id).ok())
+                    .and_then(|n| WorkspaceId::from_domain_name(&n))
                 else {
                     continue;
                 };
                 // A domain of that name that is not aether's is left out, not an error.
-                if matches!(owned_domain(c, &ws), Ok(Some(_))) {
+                if made_for(&dom, &ws) {
                     owned.push((ws, dom.is_active()?));
                 }
             }

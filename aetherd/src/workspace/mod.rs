@@ -528,11 +528,7 @@ impl Workspaces {
             let this = Arc::clone(self);
             tokio::spawn(async move {
                 while let Some(ev) = events.recv().await {
-                    let Some(id) = ev
-                        .domain()
-                        .strip_prefix("aether-")
-                        .and_then(|id| WorkspaceId::parse(id).ok())
-                    else {
+                    let Some(id) = WorkspaceId::from_domain_name(ev.domain()) else {
                         continue;
                     };
                     if this.d.store.get_workspace(&id, None).is_ok() {
