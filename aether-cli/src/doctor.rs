@@ -12,19 +12,10 @@ use serde_json::json;
 
 use crate::client;
 
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Severity {
-    Ok,
-    Warn,
-    Fail,
-}
+use pb::host_check::Severity;
 
-struct Check {
-    name: String,
-    severity: Severity,
-    detail: String,
-    hint: String,
-}
+/// The client's own checks take the daemon's form ([`pb::HostCheck`]), so both print alike.
+type Check = pb::HostCheck;
 
 fn check(
     name: &str,
@@ -34,9 +25,17 @@ fn check(
 ) -> Check {
     Check {
         name: name.to_owned(),
-        severity,
+        severity: severity as i32,
         detail: detail.into(),
         hint: hint.into(),
+    }
+}
+
+/// A check's severity; one this client does not know counts as a failure.
+fn severity(c: &Check) -> Severity {
+    match Severity::try_from(c.severity) {
+        Ok(Severity::Unspecified) | Err(_) => Severity::Fail,
+        Ok(s) => s,
     }
 }
 
@@ -52,7 +51,7 @@ pub async fn run(socket: &Path, config_dir: &Path, json: bool) -> anyhow::Result
             .map(|c| {
                 json!({
                     "name": c.name,
-                    "severity": match c.severity { Severity::Ok => "ok", Severity::Warn => "warn", Severity::Fail => "fail" },
+                    "severity": match severity(c) { Severity::Ok => "ok", Severity::Warn => "warn", _ => "fail" },
                     "detail": c.detail,
                     "hint": c.hint,
                 })
@@ -62,10 +61,10 @@ pub async fn run(socket: &Path, config_dir: &Path, json: bool) -> anyhow::Result
     } else {
         let mut text = String::new();
         for c in &checks {
-            let mark = match c.severity {
+            let mark = match severity(c) {
                 Severity::Ok => "ok  ",
                 Severity::Warn => "WARN",
-                Severity::Fail => "FAIL",
+                _ => "FAIL",
             };
             text.push_str(&format!("{mark}  {:<14} {}\n", c.name, c.detail));
             if !c.hint.is_empty() {
@@ -75,7 +74,7 @@ pub async fn run(socket: &Path, config_dir: &Path, json: bool) -> anyhow::Result
         crate::emit(&text)?;
     }
     // For scripts reading stderr: the first thing that blocks, in one line.
-    match checks.iter().find(|c| c.severity == Severity::Fail) {
+    match checks.iter().find(|c| severity(c) == Severity::Fail) {
         Some(c) => {
             eprintln!("aether: doctor: {}: {}", c.name, c.detail);
             Ok(ExitCode::FAILURE)
@@ -192,18 +191,8 @@ fn group_hint() -> String {
 }
 
 async fn daemon_checks(mut c: client::Client, checks: &mut Vec<Check>) {
-    use pb::host_check::Severity as S;
     match c.check_host(pb::CheckHostRequest {}).await {
-        Ok(r) => {
-            for h in r.into_inner().checks {
-                let severity = match S::try_from(h.severity) {
-                    Ok(S::Ok) => Severity::Ok,
-                    Ok(S::Warn) => Severity::Warn,
-                    _ => Severity::Fail,
-                };
-                checks.push(check(&h.name, severity, h.detail, h.hint));
-            }
-        }
+        Ok(r) => checks.extend(r.into_inner().checks),
         Err(s) => checks.push(check(
             "host",
             Severity::Warn,

@@ -595,6 +595,14 @@ async fn project(
     Ok(ExitCode::SUCCESS)
 }
 
+/// An imported image, as `image import` and `image pull` print it.
+fn print_image(format: Format, img: &pb::Image) -> anyhow::Result<()> {
+    match format {
+        Format::Json => emit_json(&output::image_json(img)),
+        Format::Table => emit(&output::image_table(std::slice::from_ref(img))),
+    }
+}
+
 async fn image_cmd(c: &mut Client, format: Format, cmd: ImageCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         ImageCmd::Import {
@@ -623,10 +631,7 @@ async fn image_cmd(c: &mut Client, format: Format, cmd: ImageCmd) -> anyhow::Res
                 },
             )
             .await?;
-            match format {
-                Format::Json => emit_json(&output::image_json(&img))?,
-                Format::Table => emit(&output::image_table(std::slice::from_ref(&img)))?,
-            }
+            print_image(format, &img)?;
         }
         ImageCmd::Catalog => {
             let entries = c
@@ -681,10 +686,7 @@ async fn image_cmd(c: &mut Client, format: Format, cmd: ImageCmd) -> anyhow::Res
             // Verified and sent (or refused by the daemon): the download has served.
             let _ = std::fs::remove_file(&fetched.path);
             let img = imported?;
-            match format {
-                Format::Json => emit_json(&output::image_json(&img))?,
-                Format::Table => emit(&output::image_table(std::slice::from_ref(&img)))?,
-            }
+            print_image(format, &img)?;
         }
         ImageCmd::List => {
             let list = c
