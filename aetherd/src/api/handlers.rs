@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::model::HardwareRequest;
-use crate::tasks::{ExecSpec, Tasks};
+use crate::tasks::ExecSpec;
 use crate::tunnel;
 use crate::workspace::CreateWorkspace;
 
@@ -244,7 +244,7 @@ impl Aether for Service {
             workdir: r.workdir,
         };
         // Bad input is refused before the workspace is looked at.
-        let remote = Tasks::command_of(&spec)?;
+        let remote = crate::tasks::command::remote_command(&spec)?;
         let (ws, ip) = self
             .daemon
             .workspaces

@@ -33,7 +33,6 @@ use crate::idle::Nudge;
 use crate::model::{TaskId, WorkspaceId};
 use crate::quota::{Claim, Quotas};
 use crate::store::{Store, TaskRow, Workspace};
-use command::remote_command;
 use log::{SharedLog, TaskLog, MAX_FRAME, TASK_LOG_MAX};
 use reader::Source;
 
@@ -109,13 +108,7 @@ impl Tasks {
         }
     }
 
-    /// Checks what `spec` asks to run, before anything else is looked at; the command line
-    /// for [`Tasks::exec`].
-    pub fn command_of(spec: &ExecSpec) -> Result<String> {
-        remote_command(spec)
-    }
-
-    /// Starts the task `spec` (its command line `remote`, from [`Tasks::command_of`]) in
+    /// Starts the task `spec` (its command line `remote`, from [`command::remote_command`]) in
     /// `ws`, running at `ip`, for `caller`; returns it and a receiver of its frames
     /// (subscribed before any output).
     pub async fn exec(
