@@ -22,6 +22,17 @@ ensure_packages() {
     codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
     apt-get install -y -qq --no-install-recommends --allow-downgrades "${missing[@]}" "qemu-utils/$codename"
   fi
+  # apt-get may have removed an installed package to make room (the distribution's
+  # qemu-system-x86 removes a backported qemu-utils): put back what was asked for.
+  missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    local codename
+    codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    apt-get install -y -qq --no-install-recommends --allow-downgrades "${missing[@]/%/\/$codename}"
+  fi
 }
 
 # ensure_test_users: local users the multi-user tests act as (tests/tests/users.rs): two

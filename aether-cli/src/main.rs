@@ -14,6 +14,7 @@ mod output;
 mod pull;
 mod ssh;
 mod task;
+mod ui;
 mod watch;
 
 use std::io::Write;
@@ -86,6 +87,18 @@ enum Command {
     /// the network, the default image, the SSH client and key. Exits 1 when something
     /// blocks.
     Doctor,
+    /// Serve the web UI on 127.0.0.1 as you: projects, workspaces with a live status while
+    /// they boot, create/start/stop/delete, console logs, tasks and a terminal. Prints a URL
+    /// with a one-time token (it becomes a session cookie) and opens it in the browser when
+    /// there is a desktop session. Runs until Ctrl-C.
+    Ui {
+        /// Port on 127.0.0.1 [default: a free one].
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Print the URL only; do not start a browser.
+        #[arg(long)]
+        no_browser: bool,
+    },
     /// Print a shell completion script, e.g.
     /// `aether completions bash > /usr/share/bash-completion/completions/aether`.
     Completions {
@@ -425,6 +438,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Man { dir } => {
             let n = docs::man_pages(Cli::command(), &dir)?;
             eprintln!("wrote {n} man pages to {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ui { port, no_browser } => {
+            let c = client::connect(&cli.socket).await?;
+            let opts = ui::Options {
+                port,
+                open_browser: !no_browser,
+            };
+            ui::serve(c, config_dir()?, opts).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Project(cmd) => project(&cli.socket, format, cmd).await,

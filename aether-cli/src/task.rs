@@ -111,7 +111,7 @@ pub async fn logs(c: &mut Client, id: String, follow: bool) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-fn task_json(t: &pb::Task) -> serde_json::Value {
+pub fn task_json(t: &pb::Task) -> serde_json::Value {
     serde_json::json!({
         "id": t.id,
         "workspace_id": t.workspace_id,

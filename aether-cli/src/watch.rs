@@ -75,7 +75,7 @@ fn event_line(e: &pb::WorkspaceEvent) -> Option<String> {
     Some(line)
 }
 
-fn event_json(e: &pb::WorkspaceEvent) -> serde_json::Value {
+pub fn event_json(e: &pb::WorkspaceEvent) -> serde_json::Value {
     serde_json::json!({
         "seq": e.seq,
         "kind": kind_name(e.kind),
