@@ -91,6 +91,8 @@ else
   unset AETHER_E2E_DEBIAN
 fi
 
+# `aether ui` (the browser test) serves assets embedded at build time.
+[ -f ui/dist/index.html ] || build_ui
 cargo build --offline --locked --workspace --bins --tests
 
 ip netns del "$NS" 2>/dev/null || true

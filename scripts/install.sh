@@ -37,6 +37,8 @@ $have_systemd && PACKAGES+=(libvirt-daemon-system)
 
 ensure_packages "${PACKAGES[@]}"
 
+log "building the web UI (ui/, npm)"
+build_ui
 log "building aetherd and aether (release)"
 cargo build --release --locked -p aetherd -p aether-cli
 install -m 0755 target/release/aetherd target/release/aether /usr/local/bin/

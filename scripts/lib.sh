@@ -82,3 +82,18 @@ ensure_kvm_device() {
     echo "wrote /etc/tmpfiles.d/aether-kvm.conf (no udev here: keeps /dev/kvm so after a reboot)"
   fi
 }
+
+# build_ui: the web UI's assets (ui/dist), which `cargo build` embeds in `aether`. Needs
+# Node.js >= 18 and npm: the machine's own when it has them, else Debian's (apt-get).
+build_ui() {
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    ensure_packages nodejs npm
+  fi
+  local major
+  major=$(node -p 'process.versions.node.split(".")[0]')
+  if [ "$major" -lt 18 ]; then
+    echo "the web UI needs Node.js >= 18 to build; this machine has $(node --version)" >&2
+    return 1
+  fi
+  (cd ui && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
+}

@@ -3,9 +3,10 @@
 #
 #   sudo scripts/test.sh        # as root: installs the Debian/Ubuntu packages it needs first
 #
-# Steps: system packages (apt-get) -> cargo fmt --check -> cargo clippy -D warnings ->
-# cargo build --workspace -> cargo test --workspace (unit + integration tests against
-# libvirt's in-process test driver) -> bench-scale -> scripts/e2e.sh (real VMs; root only).
+# Steps: system packages (apt-get) -> the web UI's assets (npm) -> cargo fmt --check ->
+# cargo clippy -D warnings -> cargo build --workspace -> cargo test --workspace (unit +
+# integration tests against libvirt's in-process test driver, the web UI in Chromium) ->
+# bench-scale -> scripts/e2e.sh (real VMs; root only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -17,6 +18,11 @@ log() { printf '\n=== %s\n' "$*"; }
 BUILD_PACKAGES=(libvirt-dev pkg-config gcc qemu-utils openssh-client)
 
 ensure_packages "${BUILD_PACKAGES[@]}"
+# The web UI's browser tests drive Debian's Chromium with Playwright (ui/tests).
+[ "$(id -u)" -eq 0 ] && ensure_packages chromium
+
+log "web UI assets (ui/: npm ci, vite build)"
+build_ui
 
 if ! command -v cargo >/dev/null; then
   echo "cargo not found: aether needs a Rust toolchain >= 1.88 (rustup)" >&2
@@ -36,6 +42,8 @@ if [ "$(id -u)" -eq 0 ]; then
   # The multi-user tests (authorization, quotas) act as these; without root they are skipped.
   ensure_test_users
   export AETHER_TEST_USERS=1
+  # Chromium is installed above: the browser tests must run.
+  export AETHER_TEST_BROWSER=1
 fi
 
 log "cargo test --workspace"

@@ -645,6 +645,7 @@ pub fn open_to_others(dir: &std::path::Path) -> Vec<(PathBuf, u32)> {
 
 /// Helpers shared by the end-to-end test files.
 pub mod http;
+pub mod ui;
 
 pub mod e2e {
     use std::path::{Path, PathBuf};
