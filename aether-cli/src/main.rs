@@ -264,8 +264,13 @@ enum WorkspaceCmd {
     Stop {
         id: String,
         /// Power the VM off at once instead of asking the guest to shut down.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "suspend")]
         force: bool,
+        /// Save the guest's memory (in the daemon's state dir) and power the VM off instead
+        /// of shutting it down: the next start resumes it where it was, open programs and
+        /// all, in seconds. A plain stop of a suspended workspace discards the memory image.
+        #[arg(long)]
+        suspend: bool,
         /// Return as soon as the daemon accepted the request.
         #[arg(long)]
         no_wait: bool,
@@ -821,9 +826,14 @@ async fn workspace(
             };
             return finish(format, &w, pb::WorkspaceState::Running, no_wait);
         }
-        WorkspaceCmd::Stop { id, force, no_wait } => {
+        WorkspaceCmd::Stop {
+            id,
+            force,
+            suspend,
+            no_wait,
+        } => {
             let w = c
-                .stop_workspace(pb::StopWorkspaceRequest { id, force })
+                .stop_workspace(pb::StopWorkspaceRequest { id, force, suspend })
                 .await?
                 .into_inner();
             let w = if no_wait {

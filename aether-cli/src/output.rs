@@ -130,7 +130,11 @@ pub fn workspace_table(list: &[pb::Workspace]) -> String {
             vec![
                 w.id.clone(),
                 w.project_name.clone(),
-                state_name(w.state).to_owned(),
+                if w.suspended {
+                    "stopped (suspended)".to_owned()
+                } else {
+                    state_name(w.state).to_owned()
+                },
                 hardware_short(w.hardware.as_ref()),
                 date(w.created_at),
             ]
@@ -162,6 +166,15 @@ pub fn workspace_details(w: &pb::Workspace) -> String {
     ];
     if !w.reason.is_empty() {
         lines.push(("reason", w.reason.clone()));
+    }
+    if w.suspended {
+        lines.push((
+            "suspended",
+            format!(
+                "yes: the next start resumes it ({} memory image)",
+                size(w.memory_image_bytes)
+            ),
+        ));
     }
     if let Some(h) = &w.hardware {
         lines.push(("hardware", hardware_long(h)));
@@ -403,6 +416,8 @@ pub fn workspace_json(w: &pb::Workspace) -> Value {
         "idle_since": w.idle_since,
         "stops_at": w.stops_at,
         "dedicated_cpus": w.dedicated_cpus,
+        "suspended": w.suspended,
+        "memory_image_bytes": w.memory_image_bytes,
     })
 }
 

@@ -19,6 +19,17 @@ pub enum Accel {
     Tcg,
 }
 
+/// What the idle timeout does to a running workspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdleAction {
+    /// Save the guest's memory and power the VM off; the next start resumes it. A
+    /// workspace with a GPU (which cannot be saved) is shut down instead.
+    Suspend,
+    /// Shut the guest down (ACPI); the next start boots it afresh.
+    Shutdown,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -47,6 +58,8 @@ pub struct Config {
     /// Stop a running workspace after this long with no connection and no task: "90s",
     /// "30m", "2h", "0" (never). Workspaces can override it.
     pub idle_timeout: String,
+    /// What the idle timeout does: "suspend" (the default) or "shutdown".
+    pub idle_action: IdleAction,
     /// Memory of all running workspaces may add up to this many times the host's RAM.
     pub memory_overcommit: f64,
     /// Host CPUs never dedicated to performance workspaces (they stay for the host).
@@ -78,6 +91,7 @@ impl Default for Config {
             network_cidr: None,
             boot_timeout_secs: None,
             idle_timeout: "10m".to_owned(),
+            idle_action: IdleAction::Suspend,
             memory_overcommit: 1.0,
             reserved_host_cpus: vec![0],
             gpu_allow: Vec::new(),

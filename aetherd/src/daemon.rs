@@ -177,6 +177,7 @@ impl Daemon {
             max_volume_size_gb: config.max_volume_size_gb,
             default_image: config.default_image.clone(),
             daemon_public_key: daemon_key.public,
+            idle_action: config.idle_action,
         });
         Ok(Daemon {
             workspaces,

@@ -70,6 +70,8 @@ pub(super) fn workspace_to_pb(w: Workspace, rt: Runtime) -> pb::Workspace {
         running_tasks: rt.tasks,
         idle_since: rt.idle_since.unwrap_or(0),
         stops_at: rt.stops_at.unwrap_or(0),
+        suspended: rt.memory_image_bytes.is_some(),
+        memory_image_bytes: rt.memory_image_bytes.unwrap_or(0),
         dedicated_cpus: w.dedicated_cpus.clone(),
         domain_name: w.id.domain_name(),
         id: w.id.to_string(),

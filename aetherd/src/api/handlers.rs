@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::model::HardwareRequest;
 use crate::tasks::ExecSpec;
 use crate::tunnel;
-use crate::workspace::CreateWorkspace;
+use crate::workspace::{CreateWorkspace, StopHow};
 
 use super::auth;
 use super::convert::{
@@ -158,7 +158,17 @@ impl Aether for Service {
     async fn stop_workspace(&self, req: Request<pb::StopWorkspaceRequest>) -> Reply<pb::Workspace> {
         let caller = auth::caller(&req)?;
         let r = req.get_ref();
-        let ws = self.daemon.workspaces.stop(caller, &r.id, r.force).await?;
+        let how = match (r.force, r.suspend) {
+            (false, false) => StopHow::Graceful,
+            (false, true) => StopHow::Suspend,
+            (true, false) => StopHow::Force,
+            (true, true) => {
+                return Err(Status::invalid_argument(
+                    "force and suspend exclude each other: a forced stop powers off without saving memory",
+                ))
+            }
+        };
+        let ws = self.daemon.workspaces.stop(caller, &r.id, how).await?;
         Ok(Response::new(self.view(ws)))
     }
 

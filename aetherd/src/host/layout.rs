@@ -55,6 +55,37 @@ impl Layout {
         format!("{ws}-seed.img")
     }
 
+    /// Memory images of suspended workspaces (0700: they hold the guests' memory).
+    pub fn memory_dir(&self) -> PathBuf {
+        self.state_dir.join("memory")
+    }
+
+    /// The memory image a suspend writes (libvirt's save format) and the next start
+    /// resumes from; it exists only while the workspace is suspended.
+    pub fn memory_image(&self, ws: &WorkspaceId) -> PathBuf {
+        self.memory_dir().join(format!("{ws}.save"))
+    }
+
+    /// The size of the workspace's memory image, if it is suspended.
+    pub fn memory_image_bytes(&self, ws: &WorkspaceId) -> Option<u64> {
+        std::fs::metadata(self.memory_image(ws))
+            .ok()
+            .map(|m| m.len())
+    }
+
+    /// Removes the workspace's memory image; a missing one is fine.
+    pub fn remove_memory_image(&self, ws: &WorkspaceId) -> Result<()> {
+        let path = self.memory_image(ws);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::Internal(format!(
+                "cannot remove {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
     pub fn tmp(&self) -> PathBuf {
         self.state_dir.join("tmp")
     }
@@ -73,6 +104,7 @@ impl Layout {
             (self.state_dir.join("boot"), true),
             (self.console_dir(), true),
             (self.tmp(), false),
+            (self.memory_dir(), false),
             (self.keys(), false),
         ] {
             std::fs::create_dir_all(&dir)

@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod leases;
 mod net;
 pub mod nwfilter;
+mod save;
 pub mod xml;
 
 use std::time::Duration;

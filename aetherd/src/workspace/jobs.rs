@@ -1,7 +1,8 @@
-//! The two long jobs a runner hands out: the boot (a boot slot, define, start, readiness)
-//! and the graceful stop (an ACPI shutdown, then the stop timeout). Each ends early when
-//! its runner cancels it, between libvirt calls, so a cancelled boot never starts the VM
-//! afterwards.
+//! The long jobs a runner hands out: the boot (a boot slot, then a resume from the memory
+//! image if there is one, else define and start; then readiness), the graceful stop (an
+//! ACPI shutdown, then the stop timeout) and the suspend (the guest's memory saved to its
+//! memory image). Each ends early when its runner cancels it, between libvirt calls, so a
+//! cancelled boot never starts the VM afterwards.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,21 +64,44 @@ impl Jobs {
         self.stop_timeout
     }
 
-    /// The boot job: waits for a boot slot, defines and starts the domain, and waits until
-    /// the guest is ready. Ends early (`Cancelled`) when its runner cancels it, between
-    /// libvirt calls, so a cancelled boot never starts the VM afterwards.
+    /// The boot job: waits for a boot slot; resumes the guest from its memory image if it
+    /// has one, else defines and starts the domain; and waits until the guest is ready. A
+    /// resume that fails falls back to a cold boot, and says so in the outcome. Ends early
+    /// (`Cancelled`) when its runner cancels it, between libvirt calls, so a cancelled boot
+    /// never starts the VM afterwards.
     pub async fn boot(
         &self,
         ws: &Workspace,
         mut cancel: watch::Receiver<bool>,
     ) -> Result<BootOutcome> {
-        self.feed.set_phase(&ws.id, "booting");
+        let image = self.layout.memory_image(&ws.id);
+        let resume = image.exists();
+        self.feed
+            .set_phase(&ws.id, if resume { "resuming" } else { "booting" });
         let slot = tokio::select! {
             slot = self.boot_slots.acquire() => {
                 slot.map_err(|_| Error::Internal("the daemon is shutting down".into()))?
             }
             _ = cancelled(&mut cancel) => return Ok(BootOutcome::Cancelled),
         };
+        let mut note = None;
+        if resume {
+            match self.resume(ws, &image).await {
+                Ok(()) => {
+                    drop(slot);
+                    self.pinning.changed();
+                    return Ok(match self.readiness.wait_ready(ws, cancel).await? {
+                        BootOutcome::Ready(_) => BootOutcome::Ready(None),
+                        BootOutcome::Cancelled => BootOutcome::Cancelled,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(workspace = %ws.id, error = %e, "resume failed; booting afresh");
+                    note = Some(format!("the resume failed ({e}), so it booted afresh"));
+                    self.feed.set_phase(&ws.id, "booting");
+                }
+            }
+        }
         self.provisioner.define(ws).await?;
         crate::fault::point("start:defined");
         self.readiness.release_stale_leases(ws).await;
@@ -96,7 +120,45 @@ impl Jobs {
         drop(slot);
         // The CPUs dedicated elsewhere may have changed since its XML was written.
         self.pinning.changed();
-        self.readiness.wait_ready(ws, cancel).await
+        Ok(match self.readiness.wait_ready(ws, cancel).await? {
+            BootOutcome::Ready(_) => BootOutcome::Ready(note),
+            BootOutcome::Cancelled => BootOutcome::Cancelled,
+        })
+    }
+
+    /// Restores the guest from `image` and removes the image, which is stale once the guest
+    /// runs on. A VM found running already (a resume the daemon did not see finish) only
+    /// loses its stale image. An image that cannot be restored is removed too: the next
+    /// boot is a cold one.
+    async fn resume(&self, ws: &Workspace, image: &std::path::Path) -> Result<()> {
+        let result = if self.hv.status(&ws.id).await? == DomainStatus::Active {
+            Ok(())
+        } else {
+            self.hv.restore(&ws.id, image).await
+        };
+        crate::fault::point("resume:restored");
+        if let Err(e) = self.layout.remove_memory_image(&ws.id) {
+            tracing::warn!(workspace = %ws.id, error = %e, "cannot remove the memory image");
+        }
+        result
+    }
+
+    /// The suspend job: saves the guest's memory to its memory image, which powers the VM
+    /// off. Cancelled (a forced stop), it powers the VM off, which ends the save at once.
+    pub async fn save(&self, id: &WorkspaceId, mut cancel: watch::Receiver<bool>) -> Result<()> {
+        self.feed.set_phase(id, "suspending");
+        let image = self.layout.memory_image(id);
+        let save = self.hv.save(id, &image);
+        tokio::pin!(save);
+        tokio::select! {
+            result = &mut save => result,
+            _ = cancelled(&mut cancel) => {
+                let _ = self.hv.destroy(id).await;
+                let _ = save.await;
+                let _ = self.layout.remove_memory_image(id);
+                Ok(())
+            }
+        }
     }
 
     /// The graceful-stop job: asks for an ACPI shutdown and waits until the stop timeout

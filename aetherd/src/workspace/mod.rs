@@ -67,6 +67,7 @@ pub struct Deps {
     pub default_image: String,
     /// The daemon's SSH public key, authorized in every guest (for tasks and readiness).
     pub daemon_public_key: String,
+    pub idle_action: crate::config::IdleAction,
 }
 
 pub struct Workspaces {
@@ -87,6 +88,19 @@ pub struct Runtime {
     pub idle_timeout_secs: u64,
     pub idle_since: Option<i64>,
     pub stops_at: Option<i64>,
+    /// The size of its memory image when it is suspended.
+    pub memory_image_bytes: Option<u64>,
+}
+
+/// How a stop is carried out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopHow {
+    /// ACPI shutdown.
+    Graceful,
+    /// The guest's memory saved, for a resume at the next start.
+    Suspend,
+    /// Power off at once.
+    Force,
 }
 
 /// What `create` is asked for.
@@ -210,6 +224,11 @@ impl Workspaces {
         let ws = if req.is_empty() {
             ws.clone()
         } else {
+            if ws.state.vm_is_off() && self.d.layout.memory_image_bytes(&ws.id).is_some() {
+                // The saved guest has the old hardware: it boots afresh with the new.
+                self.d.layout.remove_memory_image(&ws.id)?;
+                tracing::info!(workspace = %ws.id, "memory image discarded: hardware changed");
+            }
             self.d.provisioner.change_hardware(ws, wanted).await?
         };
         if let Some(secs) = idle {
@@ -375,20 +394,22 @@ impl Workspaces {
     }
 
     /// A graceful stop moves the workspace to `stopping` and waits for the guest in the
-    /// background; a forced stop powers the VM off and returns `stopped`. A workspace already
-    /// stopping or stopped is returned as it is.
+    /// background; a suspend does the same while the guest's memory is saved; a forced stop
+    /// powers the VM off and returns `stopped`. A workspace already stopping or stopped is
+    /// returned as it is (a plain stop discards the memory image of a suspended one).
     pub async fn stop(
         self: &Arc<Self>,
         caller: Caller,
         id: &str,
-        force: bool,
+        how: StopHow,
     ) -> Result<Workspace> {
         let ws = self.get(caller, id)?;
-        if force {
-            self.ask(&ws.id, Input::ForceStop).await
-        } else {
-            self.ask(&ws.id, Input::Stop).await
-        }
+        let input = match how {
+            StopHow::Graceful => Input::Stop,
+            StopHow::Suspend => Input::Suspend,
+            StopHow::Force => Input::ForceStop,
+        };
+        self.ask(&ws.id, input).await
     }
 
     /// Changes hardware: at once while the VM is off, as pending changes otherwise.
@@ -501,6 +522,7 @@ impl Workspaces {
                 .idle_since
                 .filter(|_| timeout > 0)
                 .map(|since| since + timeout as i64),
+            memory_image_bytes: self.d.layout.memory_image_bytes(&ws.id),
         }
     }
 

@@ -253,6 +253,7 @@ impl Provisioner {
         // The console log with virtlogd's rotated files, the task logs and their `.1`s.
         files::remove_log(&self.layout.console_log(&ws.id))?;
         self.tasks.remove_logs_of(&ws.id)?;
+        self.layout.remove_memory_image(&ws.id)?;
         for path in [self.layout.pool().join(Layout::seed_file_name(&ws.id))] {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}

@@ -28,7 +28,9 @@ use crate::workspace::runner::{cancelled, sleep_or_cancel};
 
 /// How a boot job ended, when it did not fail.
 pub enum BootOutcome {
-    Ready,
+    /// Ready, with a note for the workspace's reason when the boot was not the one asked
+    /// for (a resume that fell back to a cold boot).
+    Ready(Option<String>),
     /// Its runner cancelled it (the workspace was stopped meanwhile): nothing to record.
     Cancelled,
 }
@@ -118,7 +120,7 @@ impl Readiness {
     ) -> Result<BootOutcome> {
         if self.hv.domain_type() == DomainType::Test {
             return match self.hv.status(&ws.id).await? {
-                DomainStatus::Active => Ok(BootOutcome::Ready),
+                DomainStatus::Active => Ok(BootOutcome::Ready(None)),
                 other => Err(Error::libvirt(format!(
                     "domain is {other:?} right after it was started"
                 ))),
@@ -154,7 +156,7 @@ impl Readiness {
                     self.feed.set_phase(&ws.id, "waiting for cloud-init");
                 }
                 if self.guest_settled(ws, ip, deadline).await {
-                    return Ok(BootOutcome::Ready);
+                    return Ok(BootOutcome::Ready(None));
                 }
             }
             if tokio::time::Instant::now() >= deadline {

@@ -1,5 +1,5 @@
 //! Reconcile at daemon start, the part no runner owns: host resources that no row accounts
-//! for (domains, DHCP reservations, pool files, boot dirs). (Each workspace's own row is brought in line with libvirt by its runner.)
+//! for (domains, DHCP reservations, pool files, memory images, boot dirs). (Each workspace's own row is brought in line with libvirt by its runner.)
 //!
 //! Every row's files and domain are made after the row is written (marked `creating`) and
 //! removed before it goes (marked `deleting`), so anything aether-owned without a row was
@@ -18,8 +18,8 @@ use crate::network::Subnet;
 use crate::store::{Store, WorkspaceFilter};
 
 /// Removes what no row owns: inactive aether domains, DHCP reservations (with their
-/// leases), pool files (a workspace's volume or seed, an image) and boot dirs (an image's
-/// kernel and initrd).
+/// leases), pool files (a workspace's volume or seed, an image), memory images and boot
+/// dirs (an image's kernel and initrd).
 pub async fn sweep_orphans(
     store: &Store,
     hv: &Hypervisor,
@@ -90,6 +90,15 @@ pub async fn sweep_orphans(
     }
     if removed_volume {
         hv.refresh_pool().await?;
+    }
+    for name in names(&layout.memory_dir()) {
+        let owner = name
+            .strip_suffix(".save")
+            .and_then(|id| WorkspaceId::parse(id).ok());
+        if owner.is_some_and(|id| !workspaces.contains(&id)) {
+            tracing::warn!(file = %name, "removing a memory image no workspace owns");
+            let _ = std::fs::remove_file(layout.memory_dir().join(&name));
+        }
     }
     let boot = layout.state_dir.join("boot");
     for name in names(&boot) {

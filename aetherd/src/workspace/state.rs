@@ -2,9 +2,9 @@
 //!
 //! ```text
 //!            Start                 Ready
-//!  stopped ─────────► starting ─────────► running
-//!     ▲  ▲               │ BootFailed       │ Stop
-//!     │  │               ▼                  ▼
+//!  stopped ─────────► starting ─────────► running ◄──┐ SaveFailed
+//!     ▲  ▲               │ BootFailed       │ Stop,  │
+//!     │  │               ▼                  ▼ Suspend┘
 //!     │  │  Start      error ◄─Crashed── stopping ──StopTimedOut──► stop_failed
 //!     │  └────────────  │                   │                         │
 //!     │                 │ (Start again)     │ PoweredOff              │ ForceStop
@@ -20,6 +20,9 @@
 //!   while stopping or stopped) is a success that changes nothing, not an error.
 //! - Every decided change is written in one store transaction gated on the workspace's
 //!   `generation` (see `store`), with the host resources it takes or frees ([`Hold`]).
+//! - A suspend is a stop that saves the guest's memory instead of shutting it down: the
+//!   workspace is `stopping` while the memory image is written and `stopped` after, and the
+//!   next start resumes from the image. A save that fails leaves the guest running.
 //! - Events that report reality (`PoweredOff`, `Crashed`) are accepted in every state where the
 //!   VM could be on; requests from users (`Start`, `Stop`, `ForceStop`) that cannot be met
 //!   are refused ([`Refused`]) with a message that names the current state.
@@ -57,6 +60,10 @@ pub enum Event {
     StopTimedOut,
     /// The VM died without being asked to (qemu crashed or was killed).
     Crashed,
+    /// The user (or the idle timer) asked to save the guest's memory and power the VM off.
+    Suspend,
+    /// Saving the guest's memory failed; the guest still runs.
+    SaveFailed,
 }
 
 pub const ALL_STATES: [State; 6] = [
@@ -68,7 +75,7 @@ pub const ALL_STATES: [State; 6] = [
     State::StopFailed,
 ];
 
-pub const ALL_EVENTS: [Event; 8] = [
+pub const ALL_EVENTS: [Event; 10] = [
     Event::Start,
     Event::Ready,
     Event::BootFailed,
@@ -77,6 +84,8 @@ pub const ALL_EVENTS: [Event; 8] = [
     Event::PoweredOff,
     Event::StopTimedOut,
     Event::Crashed,
+    Event::Suspend,
+    Event::SaveFailed,
 ];
 
 impl State {
@@ -138,6 +147,9 @@ pub enum Effect {
     Boot,
     /// Ask the guest to shut down (ACPI) and wait for it to power off, in the background.
     Shutdown,
+    /// Save the guest's memory to its memory image, which powers the VM off, in the
+    /// background.
+    Save,
 }
 
 /// What a step does with the host resources a VM holds while it is on (dedicated CPUs, a
@@ -244,6 +256,17 @@ pub fn step(from: State, event: Event) -> std::result::Result<Step, Refused> {
         (S::Running, E::Crashed) => go(S::Error, Hold::Free, &[F::PowerOff, F::EndTasks]),
         (S::StopFailed, E::Crashed) => go(S::Error, Hold::Free, &[F::PowerOff]),
         (S::Stopped | S::Error, E::Crashed) => stay(),
+
+        (S::Running, E::Suspend) => go(S::Stopping, Hold::Keep, &[F::EndTasks, F::Save]),
+        (S::Stopping | S::Stopped, E::Suspend) => stay(),
+        (S::Starting, E::Suspend) => refuse("it is still booting; wait until it runs, or stop it"),
+        (S::Error, E::Suspend) => refuse("its VM is not running; start or delete it"),
+        (S::StopFailed, E::Suspend) => refuse("a graceful stop already failed; use --force"),
+
+        (S::Stopping, E::SaveFailed) => go(S::Running, Hold::Keep, &[]),
+        (S::Stopped | S::Starting | S::Running | S::Error | S::StopFailed, E::SaveFailed) => {
+            refuse("it is not suspending")
+        }
     }
 }
 
@@ -309,6 +332,18 @@ mod tests {
         (S::StopFailed, E::PoweredOff, Some(S::Stopped)),
         (S::StopFailed, E::StopTimedOut, None),
         (S::StopFailed, E::Crashed, Some(S::Error)),
+        (S::Stopped, E::Suspend, Some(S::Stopped)),
+        (S::Starting, E::Suspend, None),
+        (S::Running, E::Suspend, Some(S::Stopping)),
+        (S::Stopping, E::Suspend, Some(S::Stopping)),
+        (S::Error, E::Suspend, None),
+        (S::StopFailed, E::Suspend, None),
+        (S::Stopped, E::SaveFailed, None),
+        (S::Starting, E::SaveFailed, None),
+        (S::Running, E::SaveFailed, None),
+        (S::Stopping, E::SaveFailed, Some(S::Running)),
+        (S::Error, E::SaveFailed, None),
+        (S::StopFailed, E::SaveFailed, None),
     ];
 
     #[test]
@@ -411,6 +446,8 @@ mod tests {
                 &[F::PowerOff, F::EndTasks],
             ),
             (S::StopFailed, E::Crashed, Hold::Free, &[F::PowerOff]),
+            (S::Running, E::Suspend, Hold::Keep, &[F::EndTasks, F::Save]),
+            (S::Stopping, E::SaveFailed, Hold::Keep, &[]),
         ];
         for s in ALL_STATES {
             for e in ALL_EVENTS {

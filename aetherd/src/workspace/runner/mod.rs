@@ -25,9 +25,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::caller::Caller;
+use crate::config::IdleAction;
 use crate::error::{Error, Result};
 use crate::hypervisor::events::DomainEvent;
-use crate::hypervisor::DomainStatus;
 use crate::images::snapshots::Snapshot;
 use crate::model::{HardwareRequest, WorkspaceId};
 use crate::store::{Holdings, Workspace};
@@ -37,6 +37,8 @@ use crate::workspace::readiness::{console_hint, BootOutcome};
 use crate::workspace::snapshot::{self, SnapshotOp};
 use crate::workspace::state::{self, Effect, Event, Hold, State};
 use crate::workspace::Workspaces;
+
+mod settle;
 
 /// How many inputs may wait in a runner's inbox; senders wait beyond that.
 pub const INBOX: usize = 64;
@@ -48,6 +50,7 @@ pub enum Input {
     Provision(Box<Provisioning>, Reply<Workspace>),
     Start(Caller, Reply<Workspace>),
     Stop(Reply<Workspace>),
+    Suspend(Reply<Workspace>),
     ForceStop(Reply<Workspace>),
     Update {
         caller: Caller,
@@ -80,6 +83,7 @@ enum JobResult {
     Boot(Result<BootOutcome>),
     /// Whether the VM is off.
     Shutdown(Result<bool>),
+    Save(Result<()>),
 }
 
 /// Whether the runner goes on after an input.
@@ -98,6 +102,7 @@ pub fn spawn(workspaces: Arc<Workspaces>, id: WorkspaceId) -> mpsc::Sender<Input
         rx,
         job: None,
         stop_reason: "",
+        boot_note: None,
     };
     let own = tx.clone();
     tokio::spawn(runner.run(own));
@@ -111,6 +116,9 @@ struct Runner {
     job: Option<Job>,
     /// The reason the graceful stop in flight records when it ends ("idle timeout").
     stop_reason: &'static str,
+    /// What the boot in flight records as the reason when it is ready (why a suspended
+    /// workspace booted afresh).
+    boot_note: Option<String>,
 }
 
 impl Runner {
@@ -167,11 +175,22 @@ impl Runner {
                 }
             }
             Input::Start(caller, reply) => {
+                self.boot_note = None;
+                if ws.state.vm_is_off() && ws.pending_hardware.is_some() {
+                    self.discard_memory_image(&ws, "its hardware changed while it ran");
+                }
                 let _ = reply.send(self.apply(ws, Event::Start, "", Some(caller)).await);
             }
             Input::Stop(reply) => {
                 self.stop_reason = "";
+                if ws.state == State::Stopped {
+                    self.discard_memory_image(&ws, "a plain stop was asked for");
+                }
                 let _ = reply.send(self.apply(ws, Event::Stop, "", None).await);
+            }
+            Input::Suspend(reply) => {
+                self.stop_reason = "suspended";
+                let _ = reply.send(self.apply(ws, Event::Suspend, "suspended", None).await);
             }
             Input::ForceStop(reply) => {
                 let _ = reply.send(self.apply(ws, Event::ForceStop, "", None).await);
@@ -270,6 +289,7 @@ impl Runner {
                 Effect::CancelJob | Effect::PowerOff | Effect::EndTasks => {}
                 Effect::Boot => self.spawn_boot(&updated),
                 Effect::Shutdown => self.spawn_shutdown(&updated),
+                Effect::Save => self.spawn_save(&updated),
             }
         }
         Ok(updated)
@@ -303,6 +323,33 @@ impl Runner {
         });
     }
 
+    fn spawn_save(&mut self, ws: &Workspace) {
+        self.spawn_job(ws, |jobs, ws, cancelled| {
+            tokio::spawn(async move { JobResult::Save(jobs.save(&ws.id, cancelled).await) })
+        });
+    }
+
+    /// Removes the memory image of a suspended workspace, so its next start boots afresh,
+    /// saying `why`; the change is published (it is no longer suspended).
+    fn discard_memory_image(&mut self, ws: &Workspace, why: &str) {
+        let layout = &self.w.d.layout;
+        if layout.memory_image_bytes(&ws.id).is_none() {
+            return;
+        }
+        match layout.remove_memory_image(&ws.id) {
+            Ok(()) => {
+                tracing::info!(workspace = %ws.id, "memory image discarded: {why}");
+                self.boot_note = Some(format!(
+                    "its memory image was discarded because {why}, so it booted afresh"
+                ));
+                self.w.transitioned(ws, ws);
+            }
+            Err(e) => {
+                tracing::warn!(workspace = %ws.id, error = %e, "cannot discard the memory image")
+            }
+        }
+    }
+
     /// Cancels the job in flight, if any, and waits for it to end.
     async fn cancel_job(&mut self) {
         if let Some(job) = self.job.take() {
@@ -323,7 +370,10 @@ impl Runner {
             return;
         }
         let (event, reason) = match result {
-            JobResult::Boot(Ok(BootOutcome::Ready)) => (Event::Ready, String::new()),
+            JobResult::Boot(Ok(BootOutcome::Ready(note))) => (
+                Event::Ready,
+                note.or_else(|| self.boot_note.take()).unwrap_or_default(),
+            ),
             JobResult::Boot(Ok(BootOutcome::Cancelled)) => return,
             JobResult::Boot(Err(e)) => {
                 tracing::warn!(workspace = %ws.id, error = %e, "start failed");
@@ -344,6 +394,11 @@ impl Runner {
                 ),
             ),
             JobResult::Shutdown(Err(e)) => (Event::StopTimedOut, format!("stop failed: {e}")),
+            JobResult::Save(Ok(())) => (Event::PoweredOff, self.stop_reason.to_owned()),
+            JobResult::Save(Err(e)) => (
+                Event::SaveFailed,
+                format!("the suspend failed, so it keeps running: {e}"),
+            ),
         };
         let result = self.apply(ws, event, &reason, None).await;
         log_result(&self.id, "job", result);
@@ -383,91 +438,13 @@ impl Runner {
         {
             return;
         }
-        tracing::info!(workspace = %ws.id, "idle timeout: stopping");
+        // A GPU cannot be saved with the guest: such a workspace is shut down.
+        let suspend = self.w.d.idle_action == IdleAction::Suspend && ws.gpu_device.is_none();
+        tracing::info!(workspace = %ws.id, suspend, "idle timeout: stopping");
         self.stop_reason = "idle timeout";
-        let result = self.apply(ws, Event::Stop, "idle timeout", None).await;
+        let event = if suspend { Event::Suspend } else { Event::Stop };
+        let result = self.apply(ws, event, "idle timeout", None).await;
         log_result(&self.id, "idle stop", result);
-    }
-
-    /// Deletes the domain, volume, seed, reservation and row. Without `force` the VM must be
-    /// off; with it, it is powered off first.
-    async fn delete(&mut self, mut ws: Workspace, force: bool) -> Result<()> {
-        if !ws.state.deletable() {
-            if !force {
-                return Err(Error::precondition(format!(
-                    "workspace is {}: stop it first, or delete with --force",
-                    ws.state
-                )));
-            }
-            ws = self.apply(ws, Event::ForceStop, "", None).await?;
-        }
-        self.cancel_job().await;
-        // Marked first: a daemon that dies from here on leaves a delete that reconcile
-        // finishes.
-        let ws = self.w.d.store.mark_deleting(&ws)?;
-        crate::fault::point("delete:marked");
-        self.w.d.provisioner.deprovision(&ws).await?;
-        self.w.d.store.delete_workspace(&ws)?;
-        self.w.deleted(&ws);
-        Ok(())
-    }
-
-    /// Brings the row and libvirt in line after a daemon start: a missing domain is defined
-    /// again, a transitional state is settled or its job resumed. Nothing is deleted.
-    async fn reconcile(&mut self, ws: Workspace) -> Result<()> {
-        if ws.provisioning.is_some() {
-            self.w.d.provisioner.settle(&ws).await?;
-            self.w.deleted(&ws);
-            return Ok(());
-        }
-        self.w.d.provisioner.ensure_seed(&ws).await?;
-        let mut status = self.w.d.hv.status(&ws.id).await?;
-        if status == DomainStatus::Missing {
-            tracing::warn!(workspace = %ws.id, "domain missing; defining it again");
-            self.w.d.provisioner.define(&ws).await?;
-            status = DomainStatus::Off;
-        }
-        let active = status == DomainStatus::Active;
-        let result = match (ws.state, active) {
-            // Booted while the daemon was away: wait for readiness again.
-            (State::Starting, true) => {
-                self.spawn_boot(&ws);
-                Ok(ws)
-            }
-            (State::Starting, false) => {
-                self.apply(
-                    ws,
-                    Event::BootFailed,
-                    "aetherd restarted while the workspace was starting",
-                    None,
-                )
-                .await
-            }
-            (State::Running | State::StopFailed, false) => {
-                self.apply(
-                    ws,
-                    Event::PoweredOff,
-                    "found powered off when aetherd started",
-                    None,
-                )
-                .await
-            }
-            (State::Stopping, false) => self.apply(ws, Event::PoweredOff, "", None).await,
-            (State::Stopping, true) => {
-                self.stop_reason = "";
-                self.spawn_shutdown(&ws);
-                Ok(ws)
-            }
-            (State::Stopped | State::Error, true) => {
-                tracing::warn!(workspace = %ws.id, state = %ws.state, "domain is running although the workspace is not; leaving it alone");
-                Ok(ws)
-            }
-            (State::Running | State::StopFailed, true) | (State::Stopped | State::Error, false) => {
-                Ok(ws)
-            }
-        };
-        log_result(&self.id, "reconcile", result);
-        Ok(())
     }
 }
 
@@ -477,6 +454,7 @@ fn reply_err(input: Input, e: Error) {
         Input::Provision(_, r)
         | Input::Start(_, r)
         | Input::Stop(r)
+        | Input::Suspend(r)
         | Input::ForceStop(r)
         | Input::Update { reply: r, .. } => {
             let _ = r.send(Err(e));
@@ -562,7 +540,7 @@ mod tests {
             ["store/transitions.rs x1"]
         );
         assert_eq!(with("fn write_transition"), ["store/transitions.rs x1"]);
-        assert_eq!(with(".write_transition("), ["workspace/runner.rs x1"]);
+        assert_eq!(with(".write_transition("), ["workspace/runner/mod.rs x1"]);
         // A new row starts `stopped`; no other statement names a state column value.
         assert_eq!(with("INSERT INTO workspaces "), ["store/workspaces.rs x1"]);
     }
