@@ -66,9 +66,8 @@ pub fn browser_tests() -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    let have = node
-        && chromium().exists()
-        && ui_dir().join("node_modules/playwright-core").exists();
+    let have =
+        node && chromium().exists() && ui_dir().join("node_modules/playwright-core").exists();
     if !have {
         assert!(
             std::env::var_os("AETHER_TEST_BROWSER").is_none(),

@@ -19,7 +19,11 @@ fn the_browser_creates_starts_stops_and_deletes_a_workspace() {
     // The page deleted what it created, the bad create made nothing, and the daemon agrees.
     let list: serde_json::Value =
         serde_json::from_str(&env.ok(&["-o", "json", "workspace", "list"])).unwrap();
-    assert_eq!(list, serde_json::json!([]), "workspaces left after the scenario");
+    assert_eq!(
+        list,
+        serde_json::json!([]),
+        "workspaces left after the scenario"
+    );
     for shot in ["project.png", "booting.png"] {
         let p = shots_dir("driver").join(shot);
         let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);

@@ -180,6 +180,8 @@ pub async fn start(State(s): State<Shared>, Path(id): Path<String>) -> Answer {
 pub struct StopBody {
     #[serde(default)]
     force: bool,
+    #[serde(default)]
+    suspend: bool,
 }
 
 pub async fn stop(
@@ -187,11 +189,11 @@ pub async fn stop(
     Path(id): Path<String>,
     body: Option<Json<StopBody>>,
 ) -> Answer {
-    let force = body.map(|Json(b)| b.force).unwrap_or_default();
+    let Json(StopBody { force, suspend }) = body.unwrap_or_default();
     let w = s
         .client
         .clone()
-        .stop_workspace(pb::StopWorkspaceRequest { id, force })
+        .stop_workspace(pb::StopWorkspaceRequest { id, force, suspend })
         .await?
         .into_inner();
     Ok(Json(output::workspace_json(&w)))
