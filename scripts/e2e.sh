@@ -62,7 +62,7 @@ if [ "${1:-}" = --inner ]; then
   log "libvirtd up: $(virsh -c qemu:///system version | grep -i 'running hypervisor' | sed 's/.*: //')"
   results=$(mktemp)
   rc=0
-  cargo test --offline --locked -p aether-tests --test e2e --test e2e_access --test e2e_network --test e2e_crash -- --ignored --test-threads=1 ${AETHER_E2E_FILTER:-} 2>&1 \
+  cargo test --offline --locked -p aether-tests --test e2e --test e2e_access --test e2e_network --test e2e_crash --test e2e_suspend -- --ignored --test-threads=1 ${AETHER_E2E_FILTER:-} 2>&1 \
     | tee "$results" || rc=$?
   if [ "$rc" -eq 0 ]; then
     log "benchmark: workspace create time against image size"
