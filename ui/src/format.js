@@ -50,15 +50,15 @@ export function hardwareShort(h) {
   return h ? `${h.cpus}cpu/${h.memory_mb}mb` : '-';
 }
 
+const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
+
 /** What `aether workspace get` shows as hardware. */
 export function hardwareLong(h) {
-  const parts = [`${h.cpus} ${h.cpu_kind || 'shared'} cpu${h.cpus === 1 ? '' : 's'}`,
+  const parts = [plural(h.cpus, `${h.cpu_kind || 'shared'} cpu`),
     `${h.memory_mb} MiB memory`, `${h.volume_size_gb} GiB disk`];
   if (h.gpu_kind) parts.push(`gpu ${h.gpu_kind}`);
   return parts.join(', ');
 }
-
-const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
 
 /** The idle clock: when the workspace will stop for idleness, or why it will not. */
 export function idleText(ws, now) {
