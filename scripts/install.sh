@@ -21,7 +21,7 @@ log() { printf '=== %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root: sudo $0"
-command -v cargo >/dev/null || die "cargo not found: aether needs a Rust toolchain >= 1.88 (rustup)"
+command -v cargo >/dev/null || die "cargo not found: aether needs a Rust toolchain >= 1.89 (rustup)"
 
 have_systemd=false
 [ -d /run/systemd/system ] && have_systemd=true

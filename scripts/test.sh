@@ -25,7 +25,7 @@ log "web UI assets (ui/: npm ci, vite build)"
 build_ui
 
 if ! command -v cargo >/dev/null; then
-  echo "cargo not found: aether needs a Rust toolchain >= 1.88 (rustup)" >&2
+  echo "cargo not found: aether needs a Rust toolchain >= 1.89 (rustup)" >&2
   exit 1
 fi
 

@@ -14,6 +14,7 @@ mod output;
 mod pull;
 mod ssh;
 mod task;
+mod tty;
 mod ui;
 mod watch;
 
@@ -286,14 +287,22 @@ enum WorkspaceCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Run a command in a workspace as a task (starting the workspace first if it is
-    /// stopped) and stream its output; exits with the command's exit code. With --detach,
-    /// print the task id and return at once.
+    /// Run a command in a workspace (starting the workspace first if it is stopped) and
+    /// stream its output; exits with the command's exit code. Without a terminal it runs as a
+    /// task, stdout and stderr apart; with --detach, print the task id and return at once.
+    /// With a terminal (--tty, the default when stdin and stdout are terminals) it runs on a
+    /// PTY in the guest: keystrokes, ^C included, go to it and window-size changes follow.
     Exec {
         id: String,
         /// Print the task id and return; the task keeps running (see `aether task`).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "tty")]
         detach: bool,
+        /// Run the command on a terminal (PTY) in the guest, even if ours is not one.
+        #[arg(short = 't', long, conflicts_with = "no_tty")]
+        tty: bool,
+        /// Never a terminal: run as a task even when stdin and stdout are terminals.
+        #[arg(short = 'T', long)]
+        no_tty: bool,
         /// Environment variable for the command (repeatable).
         #[arg(long = "env", value_name = "NAME=VALUE", value_parser = task::parse_env)]
         env: Vec<(String, String)>,
@@ -881,11 +890,25 @@ async fn workspace(
         WorkspaceCmd::Exec {
             id,
             detach,
+            tty,
+            no_tty,
             env,
             workdir,
             argv,
         } => {
             task::check_argv(&argv)?;
+            if !detach && tty::wanted(tty, no_tty) {
+                return tty::exec(
+                    c,
+                    tty::TtyArgs {
+                        id,
+                        argv,
+                        env,
+                        workdir,
+                    },
+                )
+                .await;
+            }
             return task::exec(
                 c,
                 format == Format::Json,

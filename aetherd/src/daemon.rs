@@ -51,6 +51,8 @@ pub struct Daemon {
     pub feed: Arc<Feed>,
     /// Open tunnels per workspace.
     pub connections: Connections,
+    /// The daemon's key and pinned host keys, for its own SSH connections (terminals).
+    pub guest: GuestSsh,
     store: Arc<Store>,
     hv: Arc<Hypervisor>,
     placement: Arc<Placement>,
@@ -145,7 +147,7 @@ impl Daemon {
             Arc::clone(&hv),
             layout.clone(),
             subnet,
-            guest,
+            guest.clone(),
             Arc::clone(&feed),
             boot_timeout,
         );
@@ -186,6 +188,7 @@ impl Daemon {
             tasks,
             feed,
             connections,
+            guest,
             store,
             hv,
             placement,

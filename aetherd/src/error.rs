@@ -39,6 +39,9 @@ pub enum Error {
     /// The workspace's state does not allow the request (see `workspace::state::step`).
     #[error("{0}")]
     Refused(#[from] Refused),
+    /// The guest cannot be reached or refused the daemon (SSH).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Internal(String),
 }

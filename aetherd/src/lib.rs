@@ -29,5 +29,6 @@ pub mod quota;
 pub mod server;
 pub mod store;
 pub mod tasks;
+pub mod terminal;
 pub mod tunnel;
 pub mod workspace;

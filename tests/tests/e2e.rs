@@ -5,7 +5,7 @@
 //! that up (inside a network namespace of its own) and runs them with `--ignored`.
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aether_tests::e2e::{image_dir, import, testguest_env};
 use aether_tests::TestEnv;
@@ -897,4 +897,167 @@ fn a_snapshot_restore_brings_back_what_was_deleted() {
     let err = env.fail(&["workspace", "snapshot", "restore", &ws, "before"]);
     assert_eq!(err, "aether: snapshot before not found");
     env.ok(&["workspace", "delete", &ws]);
+}
+
+/// A pseudo-terminal the test holds the master side of, as a terminal emulator does.
+struct Pty {
+    master: std::fs::File,
+    slave: std::fs::File,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Pty {
+    fn open(rows: u16, cols: u16) -> Pty {
+        use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+        let master =
+            openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).unwrap();
+        grantpt(&master).unwrap();
+        unlockpt(&master).unwrap();
+        let name = ptsname(&master, Vec::new()).unwrap();
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(name.to_str().unwrap())
+            .unwrap();
+        let master = std::fs::File::from(master);
+        let pty = Pty {
+            master,
+            slave,
+            seen: Default::default(),
+        };
+        pty.resize(rows, cols);
+        let mut reader = pty.master.try_clone().unwrap();
+        let seen = pty.seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once no one holds the slave side.
+            while let Ok(n @ 1..) = std::io::Read::read(&mut reader, &mut buf) {
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        pty
+    }
+
+    /// As a terminal emulator does: the kernel then signals SIGWINCH to the foreground.
+    fn resize(&self, rows: u16, cols: u16) {
+        let ws = rustix::termios::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        rustix::termios::tcsetwinsize(&self.master, ws).unwrap();
+    }
+
+    /// `cmd` with the slave side as its controlling terminal and stdin/stdout/stderr.
+    fn spawn(&self, mut cmd: std::process::Command) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        cmd.stdin(self.slave.try_clone().unwrap())
+            .stdout(self.slave.try_clone().unwrap())
+            .stderr(self.slave.try_clone().unwrap());
+        // SAFETY: only async-signal-safe system calls run between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                rustix::process::setsid()?;
+                rustix::process::ioctl_tiocsctty(std::io::stdin())?;
+                Ok(())
+            });
+        }
+        cmd.spawn().unwrap()
+    }
+
+    fn output(&self) -> String {
+        String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned()
+    }
+
+    fn wait_for(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.output().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "the terminal never showed {text:?}; it showed {:?}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn type_keys(&self, keys: &str) {
+        std::io::Write::write_all(&mut &self.master, keys.as_bytes()).unwrap();
+    }
+}
+
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn exec_on_a_terminal_takes_keystrokes_follows_the_window_size_and_returns_the_exit_code() {
+    let env = testguest_env("");
+    let ws = env.create_small_workspace("e2e", &[]);
+    env.ok(&["workspace", "start", &ws]);
+
+    // Forced with --tty although ours is none: the guest's side is a PTY (80x24 then), and
+    // the environment, working directory and TERM arrive.
+    let r: aether_tests::Run = env
+        .cli()
+        .env("TERM", "vt100")
+        .args([
+            "workspace",
+            "exec",
+            "--tty",
+            &ws,
+            "--env",
+            "WHO=pty",
+            "--workdir",
+            "/tmp",
+        ])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "tty; stty size; echo $TERM $WHO $(pwd); exit 3",
+        ])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(r.code, 3, "{r:?}");
+    let lines: Vec<&str> = r.stdout.split("\r\n").collect();
+    assert!(lines[0].starts_with("/dev/pts/"), "{r:?}");
+    assert_eq!(lines[1..], ["24 80", "vt100 pty /tmp", ""], "{r:?}");
+
+    // Chosen by itself on a real terminal: keystrokes go in, a resize follows, the exit code
+    // comes back and our terminal's mode is restored.
+    let pty = Pty::open(30, 100);
+    let mut cmd = env.cli();
+    cmd.env("TERM", "xterm").args([
+        "workspace",
+        "exec",
+        &ws,
+        "--",
+        "sh",
+        "-c",
+        "stty size; read x; echo got:$x; \
+         while [ \"$(stty size)\" = '30 100' ]; do sleep 1; done; stty size; exit 7",
+    ]);
+    let mut child = pty.spawn(cmd);
+    pty.wait_for("30 100\r\n");
+    let w = env.json(&["workspace", "get", &ws]);
+    assert_eq!(w["active_connections"], 1, "an open terminal counts: {w}");
+    pty.type_keys("hello\r");
+    pty.wait_for("got:hello\r\n");
+    pty.resize(40, 120);
+    pty.wait_for("40 120\r\n");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(7), "{}", pty.output());
+    let mode = rustix::termios::tcgetattr(&pty.slave).unwrap();
+    assert!(
+        mode.local_modes
+            .contains(rustix::termios::LocalModes::ICANON | rustix::termios::LocalModes::ECHO),
+        "the terminal was left in raw mode"
+    );
+    assert_eq!(
+        env.json(&["task", "list", "--workspace", &ws]),
+        serde_json::json!([])
+    );
+    let w = env.json(&["workspace", "get", &ws]);
+    assert_eq!(w["active_connections"], 0, "{w}");
+    env.ok(&["workspace", "delete", &ws, "--force"]);
 }

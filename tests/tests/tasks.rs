@@ -53,3 +53,69 @@ fn task_ids_are_validated_and_unknown_ones_not_found() {
     let err = env.fail(&["task", "list", "--workspace", "ws-zzzzzz"]);
     assert_eq!(err, "aether: workspace ws-zzzzzz not found");
 }
+
+#[test]
+fn exec_tty_is_validated_first_and_then_starts_the_workspace() {
+    let env = TestEnv::start();
+    let ws = env.workspace_in_new_project("t");
+    let run_with_term = |term: &str, args: &[&str]| -> aether_tests::Run {
+        env.cli()
+            .env("TERM", term)
+            .args(args)
+            .output()
+            .unwrap()
+            .into()
+    };
+    // A TERM the guest could misread is refused, and nothing starts.
+    let r = run_with_term(
+        "xterm;reboot",
+        &["workspace", "exec", "-t", &ws, "--", "true"],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("invalid TERM \"xterm;reboot\""), "{r:?}");
+    let r = env.run(&[
+        "workspace",
+        "exec",
+        "--tty",
+        &ws,
+        "--env",
+        "1BAD=x",
+        "--",
+        "true",
+    ]);
+    assert!(
+        r.stderr.contains("invalid environment variable \"1BAD\""),
+        "{r:?}"
+    );
+    let r = env.run(&["workspace", "exec", "--tty", "--detach", &ws, "--", "true"]);
+    assert_eq!(r.code, 2, "a terminal cannot be detached: {r:?}");
+    let r = env.run(&["workspace", "exec", "-t", "-T", &ws, "--", "true"]);
+    assert_eq!(r.code, 2, "--tty and --no-tty conflict: {r:?}");
+    assert_eq!(env.state_of(&ws), "stopped");
+    let err = env.fail(&["workspace", "exec", "-t", "ws-zzzzzz", "--", "true"]);
+    assert_eq!(err, "aether: workspace ws-zzzzzz not found");
+
+    // A good one starts it, then finds no guest to log in to; no task is made for it.
+    let r = run_with_term(
+        "xterm-256color",
+        &["workspace", "exec", "-t", &ws, "--", "true"],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains(&format!("{ws} is stopped: starting it")),
+        "{r:?}"
+    );
+    assert!(
+        r.stderr.ends_with(
+            "\naether: libvirt's test driver runs no guest: there is nothing to connect to\n"
+        ),
+        "{r:?}"
+    );
+    assert_eq!(env.state_of(&ws), "running");
+    assert_eq!(env.json(&["task", "list"]), serde_json::json!([]));
+    // The failed attempt left no connection counted.
+    assert_eq!(
+        env.json(&["workspace", "get", &ws])["active_connections"],
+        0
+    );
+}

@@ -65,6 +65,10 @@ fn commands(project: &str, ws: &str) -> Vec<(&'static str, Vec<String>)> {
         ("WatchWorkspaces", v(&["workspace", "watch", ws])),
         ("Tunnel", v(&["workspace", "proxy", ws])),
         ("Exec", v(&["workspace", "exec", ws, "--", "true"])),
+        (
+            "Terminal",
+            v(&["workspace", "exec", "--tty", ws, "--", "true"]),
+        ),
         ("ListTasks", v(&["task", "list", "--workspace", ws])),
         ("TaskLogs", v(&["task", "logs", "task-01234567"])),
         ("CancelTask", v(&["task", "cancel", "task-01234567"])),

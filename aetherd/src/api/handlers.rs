@@ -423,6 +423,111 @@ impl Aether for Service {
         Ok(Response::new(Box::pin(to_client)))
     }
 
+    type TerminalStream = ByteStream<pb::TerminalResponse>;
+
+    async fn terminal(
+        &self,
+        req: Request<tonic::Streaming<pb::TerminalRequest>>,
+    ) -> Reply<Self::TerminalStream> {
+        use crate::terminal::{self, Input, Output, Size, TermSpec};
+        use pb::terminal_request::Msg;
+
+        let caller = auth::caller(&req)?;
+        let mut incoming = req.into_inner();
+        let open = match incoming.message().await? {
+            Some(pb::TerminalRequest {
+                msg: Some(Msg::Open(open)),
+            }) => open,
+            Some(_) => {
+                return Err(Status::from(Error::invalid(
+                    "the first terminal message must be `open`",
+                )))
+            }
+            None => {
+                return Err(Status::from(Error::invalid(
+                    "the terminal request stream ended before `open`",
+                )))
+            }
+        };
+        let mut env: Vec<(String, String)> = open.env.into_iter().collect();
+        env.sort();
+        let exec = ExecSpec {
+            argv: open.argv,
+            env,
+            workdir: open.workdir,
+        };
+        // Bad input is refused before the workspace is looked at.
+        let spec = TermSpec::new(&exec, &open.term, open.size.map(|s| (s.cols, s.rows)))?;
+        let (ws, addr) = self.daemon.workspaces.connection_target(
+            caller,
+            &open.workspace_id,
+            tunnel::DEFAULT_PORT,
+        )?;
+        let guard = self.daemon.connections.open(&ws.id);
+        let term = terminal::open(
+            terminal::Login {
+                key: self.daemon.guest.key(),
+                user: &ws.login_user,
+                host_key: &ws.ssh_host_public_key,
+                addr,
+            },
+            &spec,
+        )
+        .await
+        .map_err(|e| Status::from(Error::Unavailable(format!("workspace {}: {e}", ws.id))))?;
+        tracing::info!(workspace = %ws.id, "terminal opened");
+        let from_client = incoming.filter_map(|r| {
+            let bad = |m: &str| {
+                Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    m,
+                )))
+            };
+            match r {
+                Ok(pb::TerminalRequest {
+                    msg: Some(Msg::Input(data)),
+                }) if data.len() > terminal::MAX_INPUT => bad("a keystroke message over 64 KiB"),
+                Ok(pb::TerminalRequest {
+                    msg: Some(Msg::Input(data)),
+                }) => Some(Ok(Input::Data(data))),
+                Ok(pb::TerminalRequest {
+                    msg: Some(Msg::Resize(s)),
+                }) => match Size::new(Some((s.cols, s.rows))) {
+                    Ok(size) => Some(Ok(Input::Resize(size))),
+                    Err(e) => Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        e.to_string(),
+                    ))),
+                },
+                Ok(pb::TerminalRequest { msg: None }) => None,
+                Ok(pb::TerminalRequest {
+                    msg: Some(Msg::Open(_)),
+                }) => bad("the terminal is already open"),
+                Err(s) => Some(Err(std::io::Error::other(format!(
+                    "client stream: {}",
+                    s.message()
+                )))),
+            }
+        });
+        let id = ws.id.clone();
+        let to_client =
+            ReceiverStream::new(terminal::spawn(guard, term, from_client)).map(move |r| match r {
+                Ok(Output::Data(output)) => Ok(pb::TerminalResponse {
+                    output,
+                    exit_code: None,
+                }),
+                Ok(Output::Exit(code)) => Ok(pb::TerminalResponse {
+                    output: Vec::new(),
+                    exit_code: Some(code),
+                }),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                    Err(Status::invalid_argument(format!("terminal: {e}")))
+                }
+                Err(e) => Err(Status::unavailable(format!("terminal of {id}: {e}"))),
+            });
+        Ok(Response::new(Box::pin(to_client)))
+    }
+
     async fn import_image(
         &self,
         req: Request<tonic::Streaming<pb::ImportImageRequest>>,

@@ -27,6 +27,7 @@ pub fn status(e: Error) -> Status {
         Error::Store(StoreError::Conflict { .. }) => Status::aborted(msg),
         Error::Store(StoreError::Busy(_)) => Status::unavailable(msg),
         Error::PermissionDenied(_) => Status::permission_denied(msg),
+        Error::Unavailable(_) => Status::unavailable(msg),
         Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
         // libvirt refusing an operation for the domain's state is the caller's precondition;
         // anything else from libvirt is the hypervisor being unavailable.

@@ -57,6 +57,11 @@ impl GuestSsh {
         Ok(cmd)
     }
 
+    /// The daemon's private key (OpenSSH format, ed25519).
+    pub fn key(&self) -> &std::path::Path {
+        &self.key
+    }
+
     /// The pinned host key file of `ws` (removed with the workspace).
     pub fn known_hosts(&self, ws: &WorkspaceId) -> PathBuf {
         self.dir.join(format!("known_hosts-{ws}"))

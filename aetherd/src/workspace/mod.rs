@@ -471,6 +471,18 @@ impl Workspaces {
         id: &str,
         port: u16,
     ) -> Result<(WorkspaceId, std::net::SocketAddr)> {
+        let (ws, addr) = self.connection_target(caller, id, port)?;
+        Ok((ws.id, addr))
+    }
+
+    /// [`Workspaces::tunnel_target`] with the whole workspace (a terminal needs its login
+    /// user and pinned host key); checked against the same quota.
+    pub fn connection_target(
+        &self,
+        caller: Caller,
+        id: &str,
+        port: u16,
+    ) -> Result<(Workspace, std::net::SocketAddr)> {
         let (ws, ip) = self.running_with_address(caller, id)?;
         let open: usize = self
             .owned_by(ws.owner_uid)?
@@ -480,7 +492,7 @@ impl Workspaces {
         self.d
             .quota
             .check_for(caller, open as u64, Claim::Tunnels(1))?;
-        Ok((ws.id, std::net::SocketAddr::from((ip, port))))
+        Ok((ws, std::net::SocketAddr::from((ip, port))))
     }
 
     /// The workspace, if it is running and has an address (what tunnels and tasks need).
