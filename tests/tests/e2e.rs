@@ -1061,3 +1061,28 @@ fn exec_on_a_terminal_takes_keystrokes_follows_the_window_size_and_returns_the_e
     assert_eq!(w["active_connections"], 0, "{w}");
     env.ok(&["workspace", "delete", &ws, "--force"]);
 }
+
+#[test]
+#[ignore = "end-to-end: run by scripts/e2e.sh"]
+fn the_browser_starts_a_workspace_and_its_terminal_survives_a_reload() {
+    use aether_tests::ui::{browser_tests, run_scenario, shots_dir, UiServer};
+    if !browser_tests() {
+        return;
+    }
+    let env = testguest_env("");
+    let ws = env.create_small_workspace("e2e", &[]);
+    let ui = UiServer::start(&env);
+    // Start Workspace with its phases, a shell typed into, a reload back to the same shell,
+    // its exit code; see ui/tests/README.md.
+    run_scenario(&ui, "e2e", &[("AETHER_UI_WORKSPACE", &ws)]);
+    assert_eq!(env.state_of(&ws), "stopped");
+    let w = env.json(&["workspace", "get", &ws]);
+    assert_eq!(w["active_connections"], 0, "{w}");
+    let shot = shots_dir("e2e").join("terminal.png");
+    assert!(
+        std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0) > 1000,
+        "screenshot {} missing or empty",
+        shot.display()
+    );
+    env.ok(&["workspace", "delete", &ws]);
+}

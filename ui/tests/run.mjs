@@ -301,6 +301,38 @@ async function driver(browser) {
     await tab2.close();
   });
 
+  await step('the terminal WebSocket: refused without Origin, the daemon\'s error in its first frame', async () => {
+    page = context.pages()[0];
+    const upgrade = {
+      cookie,
+      connection: 'Upgrade',
+      upgrade: 'websocket',
+      'sec-websocket-version': '13',
+      'sec-websocket-key': 'dGhlIHNhbXBsZSBub25jZQ==',
+    };
+    const path = `/api/workspaces/${id}/terminal?cols=80&rows=24`;
+    assert.equal((await request('GET', path, upgrade)).status, 403, 'upgrade without Origin');
+    assert.equal((await request('GET', path, { ...upgrade, origin: 'http://evil.example' })).status, 403, 'upgrade from another Origin');
+    // From the page: the test driver's running workspace has no guest to log in to, and a
+    // window of 0 columns is refused before that.
+    const first = (q) =>
+      page.evaluate(
+        ([wsId, query]) =>
+          new Promise((resolve) => {
+            const s = new WebSocket(`ws://${location.host}/api/workspaces/${wsId}/terminal?${query}`);
+            s.onmessage = (e) => resolve(JSON.parse(e.data));
+            s.onclose = () => resolve('closed without a frame');
+          }),
+        [id, q],
+      );
+    const noGuest = await first('cols=80&rows=24');
+    assert.equal(noGuest.type, 'error', JSON.stringify(noGuest));
+    assert.match(noGuest.message, /test driver runs no guest/);
+    const badSize = await first('cols=0&rows=24');
+    assert.equal(badSize.type, 'error', JSON.stringify(badSize));
+    assert.match(badSize.message, /invalid terminal size 0x24/);
+  });
+
   await step('cleanup: the running workspace is deleted with force', async () => {
     page = context.pages()[0];
     await page.click(sel(`delete-${id}`));
@@ -359,6 +391,41 @@ async function e2e(browser) {
     const r = await pageFetch(page, 'GET', `/api/workspaces/${id}`);
     assert.equal(r.status, 200);
     assert.ok(r.body.active_connections >= 1, `expected active_connections ≥ 1, saw ${r.body.active_connections}`);
+  });
+
+  const shellPids = async () =>
+    (await termRows()).flatMap((r) => r.match(/^pid=(\d+)$/)?.slice(1) ?? []);
+  const termRows = () =>
+    page.$$eval(`${sel('terminal')} .xterm-rows > div`, (ds) => ds.map((d) => d.textContent.trim()));
+  let pid;
+  await step('a reload reconnects to the same shell, its output replayed', async () => {
+    await page.click(sel('terminal'));
+    await page.keyboard.type('echo pid=$$');
+    await page.keyboard.press('Enter');
+    [pid] = await until('a line pid=N', shellPids, (p) => p.length === 1, 20_000);
+    await page.reload();
+    await page.waitForSelector(sel(`workspace-page-${id}`));
+    await waitText(page, 'terminal-status', 'connected', 30_000);
+    // The replay brings the earlier line back before anything new is typed.
+    await until(`the replayed line pid=${pid}`, shellPids, (p) => p.includes(pid), 20_000);
+    await page.click(sel('terminal'));
+    await page.keyboard.type('echo pid=$$');
+    await page.keyboard.press('Enter');
+    const pids = await until('a second line pid=N', shellPids, (p) => p.length >= 2, 20_000);
+    assert.deepEqual(pids, [pid, pid], 'the shell after the reload is the one before it');
+  });
+
+  await step('exit 5 in the shell: the page says so and the connection is gone', async () => {
+    await page.keyboard.type('exit 5');
+    await page.keyboard.press('Enter');
+    await waitText(page, 'terminal-status', 'the shell ended', 20_000);
+    await until('the line about code 5', termRows, (r) => r.some((l) => l.includes('the shell ended with code 5')));
+    await until(
+      'active_connections 0',
+      async () => (await pageFetch(page, 'GET', `/api/workspaces/${id}`)).body.active_connections,
+      (n) => n === 0,
+      20_000,
+    );
   });
 
   await step('close the terminal and stop the workspace again', async () => {

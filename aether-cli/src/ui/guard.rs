@@ -21,7 +21,7 @@ pub struct Guard {
 }
 
 /// 32 random bytes as hex.
-fn secret() -> anyhow::Result<String> {
+pub(super) fn secret() -> anyhow::Result<String> {
     let mut b = [0u8; 32];
     getrandom::fill(&mut b)
         .map_err(|e| anyhow::anyhow!("no random numbers from the kernel: {e}"))?;

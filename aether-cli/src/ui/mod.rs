@@ -11,6 +11,7 @@ mod api;
 mod assets;
 mod events;
 mod guard;
+mod terminal;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ pub struct UiState {
     /// aether's per-user config dir, for the SSH identity.
     pub config_dir: PathBuf,
     pub guard: guard::Guard,
+    /// Open terminals, kept a while across reconnects.
+    pub terminals: terminal::Sessions,
 }
 
 pub type Shared = Arc<UiState>;
@@ -53,6 +56,7 @@ fn router(state: Shared) -> Router {
         .route("/api/workspaces/{id}/stop", post(api::stop))
         .route("/api/workspaces/{id}/console", get(api::console))
         .route("/api/workspaces/{id}/tasks", get(api::tasks))
+        .route("/api/workspaces/{id}/terminal", get(terminal::terminal))
         .route("/api/tasks/{id}/log", get(api::task_log))
         .route("/api/events", get(events::events))
         .fallback(get(assets::serve))
@@ -81,6 +85,7 @@ pub async fn serve(client: Client, config_dir: PathBuf, opts: Options) -> anyhow
         client,
         config_dir,
         guard,
+        terminals: terminal::Sessions::default(),
     });
     // The URL is the one line on stdout, so a script (or a test) can read it.
     println!("{url}");
